@@ -1,0 +1,12 @@
+"""lily-ssm: Lily (Low-Rank Interconnected Adaptation across Layers) for Mamba / SSMs, and a LoRA baseline."""
+
+from .persistence import AdapterLoadError, load_adapter, save_adapter
+from .report import ParameterReport, parameter_report
+from .tuners import LilyConfig, LoraConfig, apply_adapter, merge_adapter
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdapterLoadError", "LilyConfig", "LoraConfig", "ParameterReport", "apply_adapter", "load_adapter",
+    "merge_adapter", "parameter_report", "save_adapter",
+]

@@ -1,0 +1,100 @@
+"""A Mamba-1 mixer forward that calls every projection through its module (DESIGN.md §3).
+
+transformers' ``MambaMixer`` / ``FalconMambaMixer`` compute ``dt_proj.weight @ time_step`` and, on
+the kernel path, hand ``x_proj`` / ``dt_proj`` / ``out_proj`` weights straight to a fused function,
+so adapters on those modules silently do nothing. :func:`patch_mamba_mixers` swaps in
+:func:`mamba_mixer_forward` on every such mixer: same math, same cache protocol, but ``in_proj``,
+``x_proj``, ``dt_proj`` and ``out_proj`` are always called, and the scan goes through
+:mod:`lily_ssm.ops` (CUDA kernels when present, PyTorch otherwise).
+"""
+
+from __future__ import annotations
+
+from types import MethodType
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import ops
+
+_MIXER_CLASSES = ("MambaMixer", "FalconMambaMixer")
+
+
+def _mask_padding(hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Zero padded positions of ``(batch, seqlen, dim)`` so they neither feed the state nor the routers."""
+    if attention_mask is None or attention_mask.shape[1] != hidden.shape[1]:
+        return hidden
+    return (hidden * attention_mask[:, :, None]).to(hidden.dtype)
+
+
+def mamba_mixer_forward(self: nn.Module, hidden_states: torch.Tensor, cache: Any = None,
+                        attention_mask: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
+    """Forward of a transformers Mamba-1 mixer with every projection called as a module."""
+    from ..tuners.base import linear_without_bias
+
+    if cache is None:
+        cache = kwargs.get("cache_params")
+    seq_len, dtype = hidden_states.shape[1], hidden_states.dtype
+    conv_state = recurrent_state = None
+    if cache is not None:
+        conv_state = cache.get_conv_state(self.layer_idx)
+        recurrent_state = cache.get_recurrent_state(self.layer_idx)
+
+    hidden_states = _mask_padding(hidden_states, attention_mask)
+    x, gate = self.in_proj(hidden_states).chunk(2, dim=-1)  # (b, t, d) each
+    x = x.transpose(1, 2)
+    conv_weight = self.conv1d.weight.squeeze(1)
+    if conv_state is not None and seq_len == 1 and not cache.is_recording_past(self.layer_idx):
+        x = ops.causal_conv1d_update(x, conv_state, conv_weight, self.conv1d.bias, activation=self.activation)
+    else:
+        if cache is not None:  # prefill or chunked continuation: the cache prepends its window
+            x = cache.update_conv_state(x, self.layer_idx, conv_kernel_size=self.conv_kernel_size)
+        x = ops.causal_conv1d(x, conv_weight, self.conv1d.bias, activation=self.activation)[..., -seq_len:]
+    x = _mask_padding(x.transpose(1, 2), attention_mask)  # (b, t, d)
+
+    time_step, B, C = torch.split(
+        self.x_proj(x), [self.time_step_rank, self.ssm_state_size, self.ssm_state_size], dim=-1
+    )
+    if hasattr(self, "dt_layernorm"):  # Falcon-Mamba: RMS norms on Δ, B and C before the scan
+        time_step, B, C = self.dt_layernorm(time_step), self.b_layernorm(B), self.c_layernorm(C)
+    delta, delta_bias = linear_without_bias(self.dt_proj, time_step)  # adapted Δ, bias kept apart
+    A = -torch.exp(self.A_log.float())
+    delta_bias = delta_bias.float() if delta_bias is not None else None
+
+    if recurrent_state is not None and seq_len == 1:
+        y = ops.selective_state_update(
+            recurrent_state, x[:, 0], delta[:, 0], A, B[:, 0], C[:, 0], self.D, z=gate[:, 0],
+            dt_bias=delta_bias, dt_softplus=True,
+        ).unsqueeze(1)
+    else:
+        result = ops.selective_scan(
+            x.transpose(1, 2), delta.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2), self.D.float(),
+            z=gate.transpose(1, 2), delta_bias=delta_bias, delta_softplus=True,
+            return_last_state=cache is not None, initial_state=recurrent_state,
+        )
+        if cache is not None:
+            result, last_state = result
+            cache.update_recurrent_state(last_state, self.layer_idx)
+        y = result.transpose(1, 2)
+    return self.out_proj(y.to(dtype))
+
+
+def is_mamba_mixer(module: nn.Module) -> bool:
+    return type(module).__name__ in _MIXER_CLASSES and type(module).__module__.startswith("transformers.")
+
+
+def patch_mamba_mixers(model: nn.Module) -> int:
+    """Give every transformers Mamba-1 mixer in ``model`` the module-calling forward; returns how many."""
+    count = 0
+    for module in model.modules():
+        if is_mamba_mixer(module) and "forward" not in module.__dict__:
+            module.forward = MethodType(mamba_mixer_forward, module)
+            count += 1
+    return count
+
+
+def unpatch_mamba_mixers(model: nn.Module) -> None:
+    for module in model.modules():
+        if is_mamba_mixer(module) and "forward" in module.__dict__:
+            del module.forward

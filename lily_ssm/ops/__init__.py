@@ -1,0 +1,6 @@
+"""Sequence-mixing operators: CUDA kernels when available, PyTorch references beside them."""
+
+from .conv import causal_conv1d, causal_conv1d_update
+from .scan import selective_scan, selective_scan_ref, selective_state_update
+
+__all__ = ["causal_conv1d", "causal_conv1d_update", "selective_scan", "selective_scan_ref", "selective_state_update"]

@@ -1,0 +1,4 @@
+from .config import LilyConfig
+from .layer import LilyPool
+
+__all__ = ["LilyConfig", "LilyPool"]

@@ -1,0 +1,4 @@
+from .config import LoraConfig
+from .layer import LoraPool
+
+__all__ = ["LoraConfig", "LoraPool"]

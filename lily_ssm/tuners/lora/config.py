@@ -1,0 +1,46 @@
+"""The LoRA baseline's configuration."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from ..base import AdapterConfig, AdapterPool
+from ..routing import RoutingContext
+from ..targets import TargetGroup
+
+
+@dataclass
+class LoraConfig(AdapterConfig):
+    """LoRA (Hu et al., 2021) on the same targets and machinery as Lily: ``y = Wx + (alpha/r)·B A x``.
+
+    ``overrides`` may set ``r`` and ``alpha`` per target type.
+    """
+
+    method: ClassVar[str] = "lora"
+    overridable: ClassVar[tuple[str, ...]] = ("r", "alpha")
+
+    targets: str | list[str]
+    r: int
+    alpha: float
+    dropout: float = 0.0
+    overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
+            raise ValueError(f"r={self.r!r}; must be a positive integer")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout={self.dropout!r}; must be in [0, 1)")
+
+    def build_pool(self, group: TargetGroup, context: RoutingContext, dtype: torch.dtype,
+                   device: torch.device) -> AdapterPool:
+        from .layer import LoraPool
+
+        values = self.for_target(group.key)
+        r = values["r"]
+        if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+            raise ValueError(f"r={r!r} for target {group.key!r}; must be a positive integer")
+        return LoraPool(group, r=r, scaling=float(values["alpha"]) / r, dropout=self.dropout,
+                        dtype=dtype, device=device)

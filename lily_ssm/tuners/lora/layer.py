@@ -1,0 +1,35 @@
+"""LoRA's computation for one target type: one A and one B per adapted module."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..base import AdapterPool, kaiming_uniform_
+from ..targets import TargetGroup, TargetModule
+
+
+class LoraPool(AdapterPool):
+    """Per-module A ``(M, in, r)`` and B ``(M, r, out)``, stacked over the type's M modules."""
+
+    def __init__(self, group: TargetGroup, *, r: int, scaling: float, dropout: float, dtype: torch.dtype,
+                 device: torch.device) -> None:
+        super().__init__(group)
+        self.r, self.scaling = r, scaling
+        self.index = {m.name: i for i, m in enumerate(group.modules)}
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        count = len(group.modules)
+        self.A = nn.Parameter(torch.empty(count, group.in_features, r, dtype=dtype, device=device))
+        self.B = nn.Parameter(torch.zeros(count, r, group.out_features, dtype=dtype, device=device))
+        kaiming_uniform_(self.A, fan_in=group.in_features)
+
+    def parameter_kinds(self) -> dict[str, nn.Parameter]:
+        return {"A": self.A, "B": self.B}
+
+    def delta(self, x: torch.Tensor, slot: TargetModule) -> torch.Tensor:
+        i = self.index[slot.name]
+        return (self.dropout(x.to(self.A.dtype)) @ self.A[i] @ self.B[i]) * self.scaling
+
+    def delta_weight(self, slot: TargetModule) -> torch.Tensor:
+        i = self.index[slot.name]
+        return (self.A[i] @ self.B[i]).T * self.scaling

@@ -1,0 +1,132 @@
+"""Injecting adapters into a model, and taking them out again (merge)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..modules.mamba_mixer import patch_mamba_mixers
+from .base import AdaptedLinear, AdapterConfig, AdapterPool
+from .routing import RoutingContext, install_routing_hooks, remove_routing_hooks
+from .targets import TargetGroup, find_targets
+
+ADAPTER_ATTR = "lily_ssm_adapter"
+
+# Config attributes recorded to identify the base model an adapter was made for.
+_DIMENSION_KEYS = (
+    "model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "state_size", "time_step_rank",
+    "conv_kernel", "vocab_size", "num_attention_heads", "num_key_value_heads", "d_model", "d_inner", "depth",
+    "embed_dim",
+)
+
+
+class AdapterState(nn.Module):
+    """Registered on the adapted model as ``lily_ssm_adapter``: the pools, config and routing context."""
+
+    def __init__(self, config: AdapterConfig, groups: list[TargetGroup], pools: dict[str, AdapterPool],
+                 context: RoutingContext, base_model: dict[str, Any]) -> None:
+        super().__init__()
+        self.config = config
+        self.groups = {g.key: g for g in groups}
+        self.pools = nn.ModuleDict(pools)
+        self.context = context
+        self.base_model = base_model
+        self.hook_handles: list[Any] = []
+
+    def modules_shapes(self) -> dict[str, list[int]]:
+        return {m.name: [m.in_features, m.out_features] for g in self.groups.values() for m in g.modules}
+
+    def tensors(self) -> dict[str, nn.Parameter]:
+        """Every adapter tensor once, keyed ``<target type>.<kind>``."""
+        return {f"{key}.{kind}": p for key, pool in self.pools.items() for kind, p in pool.parameter_kinds().items()}
+
+
+def describe_base_model(model: nn.Module) -> dict[str, Any]:
+    """Architecture and dimensions of ``model``, as recorded in saved adapters."""
+    config = getattr(model, "config", None)
+    dims = {}
+    for key in _DIMENSION_KEYS:
+        value = getattr(config, key, None) if config is not None else getattr(model, key, None)
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            dims[key] = value
+    return {"architecture": type(model).__name__, "dimensions": dims}
+
+
+def get_adapter_state(model: nn.Module) -> AdapterState:
+    state = getattr(model, ADAPTER_ATTR, None)
+    if not isinstance(state, AdapterState):
+        raise ValueError(f"{type(model).__name__} has no adapter; call lily_ssm.apply_adapter(model, config) first")
+    return state
+
+
+def _module_dtype_device(model: nn.Module, name: str) -> tuple[torch.dtype, torch.device]:
+    weight = model.get_submodule(name).weight
+    dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
+    return dtype, weight.device
+
+
+def apply_adapter(model: nn.Module, config: AdapterConfig) -> nn.Module:
+    """Inject the adapter ``config`` describes into ``model`` in place, freeze the base, return the model.
+
+    Mamba mixers (HF ``MambaMixer`` / ``FalconMambaMixer``) get this toolkit's forward, which calls
+    every projection through its module, so adapters on ``dt_proj``, ``x_proj`` and ``out_proj`` run.
+    """
+    if not isinstance(config, AdapterConfig):
+        raise TypeError(f"config must be a LilyConfig or LoraConfig, got {type(config).__name__}")
+    if isinstance(getattr(model, ADAPTER_ATTR, None), AdapterState):
+        raise ValueError(f"{type(model).__name__} already has an adapter; apply_adapter works on a base model")
+    config.validate()
+    groups = find_targets(model, config.targets)
+    config.check_overrides([g.key for g in groups])
+
+    context = RoutingContext()
+    pools: dict[str, AdapterPool] = {}
+    for group in groups:
+        dtype, device = _module_dtype_device(model, group.modules[0].name)
+        pools[group.key] = config.build_pool(group, context, dtype, device)
+
+    base_model = describe_base_model(model)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    patch_mamba_mixers(model)
+    for group in groups:
+        for slot in group.modules:
+            AdaptedLinear.wrap(model.get_submodule(slot.name), pools[group.key], slot)
+
+    state = AdapterState(config, groups, pools, context, base_model)
+    setattr(model, ADAPTER_ATTR, state)
+    state.hook_handles = install_routing_hooks(model, context)
+    return model
+
+
+def _remove_adapter(model: nn.Module, state: AdapterState) -> None:
+    for group in state.groups.values():
+        for slot in group.modules:
+            model.get_submodule(slot.name).unwrap()
+    remove_routing_hooks(model, state.hook_handles)
+    delattr(model, ADAPTER_ATTR)
+
+
+def merge_adapter(model: nn.Module) -> nn.Module:
+    """Fold a LoRA adapter into the base weights and remove it; returns the plain model.
+
+    Lily cannot be merged: its update ``A_g (Σ_i S_i B_i)`` depends on the router weights ``S``, which
+    are computed from each input, so no single ΔW reproduces it.
+    """
+    state = get_adapter_state(model)
+    if state.config.method == "lily":
+        raise ValueError(
+            "Lily adapters cannot be merged into the base weights: each layer's update A_g·(Σ_i S_i·B_i) mixes "
+            "the B experts with router weights S computed from the input, so ΔW differs for every input. "
+            "Keep the adapter attached (or use LoRA if you need a mergeable baseline)."
+        )
+    with torch.no_grad():
+        for key, group in state.groups.items():
+            pool = state.pools[key]
+            for slot in group.modules:
+                linear = model.get_submodule(slot.name)
+                linear.weight += pool.delta_weight(slot).to(linear.weight.dtype)
+    _remove_adapter(model, state)
+    return model

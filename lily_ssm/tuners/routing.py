@@ -1,0 +1,164 @@
+"""What the routers need from outside the layer they sit in.
+
+Linear layers only see their input tensor, but Lily's ``sequence`` and ``causal`` routing need the
+attention mask (padding must not vote) and, during cached decoding, the router statistics of the
+tokens already consumed. Forward hooks on the adapted model's top-level module fill a
+:class:`RoutingContext` before each call; the statistics travel with the decoding cache object
+(they are attached to it after each call and reordered with it in beam search).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+_CACHE_ATTR = "_lily_ssm_router_stats"
+_CACHE_KWARGS = ("cache", "past_key_values", "cache_params")
+
+
+@dataclass
+class RouterStats:
+    """Running sum of per-token router probabilities over valid tokens, and the token count."""
+
+    total: torch.Tensor  # (batch, num_B), float32
+    count: torch.Tensor  # (batch, 1), float32
+
+    def index_select(self, index: torch.Tensor) -> RouterStats:
+        index = index.to(self.total.device)
+        return RouterStats(self.total.index_select(0, index), self.count.index_select(0, index))
+
+    def repeat_interleave(self, repeats: int) -> RouterStats:
+        return RouterStats(self.total.repeat_interleave(repeats, 0), self.count.repeat_interleave(repeats, 0))
+
+
+@dataclass
+class RoutingContext:
+    """Per-call routing inputs shared by every Lily layer of one model.
+
+    The context outlives the call on purpose: activation checkpointing re-runs layers during the
+    backward pass and must see the same mask.
+    """
+
+    mask: torch.Tensor | None = None
+    incoming: dict[str, RouterStats] = field(default_factory=dict)
+    outgoing: dict[str, RouterStats] = field(default_factory=dict)
+    prefix_len: int | None = None  # set during generate(): sequence routing pools over the prompt only
+
+    def token_mask(self, batch: int, tokens: int) -> torch.Tensor | None:
+        """The padding mask aligned with a ``(batch, tokens, features)`` input, or None."""
+        mask = self.mask
+        if mask is None:
+            return None
+        if mask.dim() != 2 or mask.shape[0] != batch or mask.shape[1] < tokens:
+            raise ValueError(
+                f"attention mask of shape {tuple(mask.shape)} does not fit an adapter input of "
+                f"{batch} samples x {tokens} tokens; call the model that apply_adapter() returned, "
+                "not one of its submodules, so the mask of the current call reaches the routers"
+            )
+        return mask[:, mask.shape[1] - tokens :]
+
+
+class _StatsReorderingCache:
+    """Wraps a cache's batch-reordering methods so router statistics follow beam search."""
+
+    @staticmethod
+    def install(cache: Any, stats: dict[str, RouterStats]) -> None:
+        already = hasattr(cache, _CACHE_ATTR)
+        object.__setattr__(cache, _CACHE_ATTR, stats)
+        if already:
+            return
+        for method, transform in (
+            ("reorder_cache", lambda s, idx: s.index_select(idx)),
+            ("batch_select_indices", lambda s, idx: s.index_select(idx)),
+            ("batch_repeat_interleave", lambda s, n: s.repeat_interleave(n)),
+        ):
+            original = getattr(cache, method, None)
+            if original is None:
+                continue
+
+            def wrapped(arg, _original=original, _transform=transform):
+                result = _original(arg)
+                current = getattr(cache, _CACHE_ATTR)
+                for key in list(current):
+                    current[key] = _transform(current[key], arg)
+                return result
+
+            object.__setattr__(cache, method, wrapped)
+
+
+def _find_cache(arguments: dict[str, Any]) -> Any:
+    for name in _CACHE_KWARGS:
+        if arguments.get(name) is not None:
+            return arguments[name]
+    return None
+
+
+def _output_cache(output: Any) -> Any:
+    # Iterate the output's own keys: asking a transformers ModelOutput for a legacy cache name warns.
+    items = output.items() if isinstance(output, dict) else ()
+    return next((value for key, value in items if key in _CACHE_KWARGS and value is not None), None)
+
+
+def install_routing_hooks(model: nn.Module, context: RoutingContext) -> list[Any]:
+    """Register the hooks that feed ``context`` on every call of ``model``; returns the handles."""
+    signature = inspect.signature(model.forward)
+
+    def before(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        try:
+            arguments = signature.bind_partial(*args, **kwargs).arguments
+        except TypeError:
+            arguments = kwargs
+        mask = arguments.get("attention_mask")
+        context.mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        cache = _find_cache(arguments)
+        context.incoming = (getattr(cache, _CACHE_ATTR, None) or {}) if cache is not None else {}
+        context.outgoing = {}
+
+    def after(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        cache = _output_cache(output)
+        if cache is not None and context.outgoing:
+            _StatsReorderingCache.install(cache, context.outgoing)
+
+    handles = [
+        model.register_forward_pre_hook(before, with_kwargs=True),
+        model.register_forward_hook(after, with_kwargs=True),
+    ]
+    generate = getattr(model, "generate", None)
+    if callable(generate):
+        model.generate = _prompt_routed_generate(generate, context)
+    return handles
+
+
+def _prompt_routed_generate(generate: Any, context: RoutingContext) -> Any:
+    """During ``generate`` sequence routing pools over the prompt only.
+
+    With a cache, the prompt's router mix is fixed at prefill and reused for every new token; pinning
+    the uncached path to the same prompt-only mix makes cached and uncached decoding agree.
+    """
+
+    @functools.wraps(generate)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        prompt = kwargs.get("input_ids", args[0] if args else None)
+        if prompt is None:
+            prompt = kwargs.get("inputs_embeds")
+        context.prefix_len = prompt.shape[1] if isinstance(prompt, torch.Tensor) else None
+        try:
+            return generate(*args, **kwargs)
+        finally:
+            context.prefix_len = None
+
+    wrapped._lily_ssm_original = generate  # type: ignore[attr-defined]
+    return wrapped
+
+
+def remove_routing_hooks(model: nn.Module, handles: list[Any]) -> None:
+    for handle in handles:
+        handle.remove()
+    generate = model.__dict__.get("generate")
+    if generate is not None and hasattr(generate, "_lily_ssm_original"):
+        del model.generate
