@@ -19,7 +19,9 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from .tuners import config_from_dict
-from .tuners.model import ADAPTER_ATTR, apply_adapter, describe_base_model, get_adapter_state
+from .tuners.base import AdapterConfig
+from .tuners.model import ADAPTER_ATTR, apply_adapter, describe_base_model, get_adapter_state, pool_tensors
+from .tuners.routing import RoutingContext
 from .tuners.targets import find_targets
 from .utils.atomic import write_atomic
 
@@ -108,14 +110,19 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     except ValueError as exc:
         raise AdapterLoadError(f"{folder / CONFIG_NAME}: {exc}") from exc
 
+    existing = getattr(model, ADAPTER_ATTR, None)
+    if existing is not None and existing.config.to_dict() != config.to_dict():
+        raise AdapterLoadError(f"model already carries a different adapter ({existing.config.to_dict()}); "
+                               "load onto the base model instead")
+
     made_for, actual = meta["base_model"], describe_base_model(model)
     problems = _compare({"architecture": made_for.get("architecture")}, {"architecture": actual["architecture"]},
                         "base model")
     problems += _compare(made_for.get("dimensions", {}), actual["dimensions"], "config")
+    shapes: dict[str, list[int]] = {}
     if not problems:
         try:
-            modules = {m.name: [m.in_features, m.out_features]
-                       for g in find_targets(model, config.targets) for m in g.modules}
+            modules, shapes = _planned_layout(model, config)
         except ValueError as exc:
             problems.append(str(exc))
         else:
@@ -127,17 +134,28 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         )
 
     tensors = _read_tensors(folder, meta)
-    existing = getattr(model, ADAPTER_ATTR, None)
-    if existing is not None and get_adapter_state(model).config.to_dict() != config.to_dict():
-        raise AdapterLoadError(f"model already carries a different adapter ({existing.config.to_dict()}); "
-                               "load onto the base model instead")
+    stored = {key: list(t.shape) for key, t in tensors.items()}
+    if stored != shapes:
+        raise AdapterLoadError(
+            f"the config in {folder / CONFIG_NAME} implies adapter tensors {shapes}, but {WEIGHTS_NAME} holds {stored}"
+        )
     if existing is None:
         apply_adapter(model, config)
-    state = get_adapter_state(model)
-    targets = state.tensors()
-    if set(targets) != set(tensors):
-        raise AdapterLoadError(f"adapter tensors {sorted(tensors)} do not match the model's {sorted(targets)}")
     with torch.no_grad():
-        for key, param in targets.items():
+        for key, param in get_adapter_state(model).tensors().items():
             param.copy_(tensors[key].to(dtype=param.dtype, device=param.device))
     return model
+
+
+def _planned_layout(model: nn.Module, config: AdapterConfig) -> tuple[dict[str, list[int]], dict[str, list[int]]]:
+    """The adapted modules' shapes and the adapter tensors' shapes ``config`` gives on ``model``,
+    worked out without changing the model (pools are built on the meta device)."""
+    existing = getattr(model, ADAPTER_ATTR, None)
+    if existing is not None:
+        return existing.modules_shapes(), {key: list(p.shape) for key, p in existing.tensors().items()}
+    groups = find_targets(model, config.targets)
+    config.check_overrides([g.key for g in groups])
+    context, meta = RoutingContext(), torch.device("meta")
+    pools = {g.key: config.build_pool(g, context, torch.float32, meta) for g in groups}
+    modules = {m.name: [m.in_features, m.out_features] for g in groups for m in g.modules}
+    return modules, {key: list(p.shape) for key, p in pool_tensors(pools).items()}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -40,7 +41,12 @@ class AdapterState(nn.Module):
 
     def tensors(self) -> dict[str, nn.Parameter]:
         """Every adapter tensor once, keyed ``<target type>.<kind>``."""
-        return {f"{key}.{kind}": p for key, pool in self.pools.items() for kind, p in pool.parameter_kinds().items()}
+        return pool_tensors(self.pools)
+
+
+def pool_tensors(pools: Mapping[str, AdapterPool]) -> dict[str, nn.Parameter]:
+    """The tensors of ``pools`` keyed ``<target type>.<kind>``: the names adapters are saved under."""
+    return {f"{key}.{kind}": p for key, pool in pools.items() for kind, p in pool.parameter_kinds().items()}
 
 
 def describe_base_model(model: nn.Module) -> dict[str, Any]:

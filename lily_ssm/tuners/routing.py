@@ -104,61 +104,69 @@ def _output_cache(output: Any) -> Any:
     return next((value for key, value in items if key in _CACHE_KWARGS and value is not None), None)
 
 
-def install_routing_hooks(model: nn.Module, context: RoutingContext) -> list[Any]:
-    """Register the hooks that feed ``context`` on every call of ``model``; returns the handles."""
-    signature = inspect.signature(model.forward)
+class _RoutingHooks:
+    """Forward pre/post hooks feeding one model's :class:`RoutingContext`.
 
-    def before(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        try:
-            arguments = signature.bind_partial(*args, **kwargs).arguments
-        except TypeError:
-            arguments = kwargs
+    Hooks and the ``generate`` wrapper are objects, not closures, so ``copy.deepcopy`` of an adapted
+    model gives the copy hooks bound to its own context and its own ``generate``.
+    """
+
+    def __init__(self, context: RoutingContext, parameter_names: list[str]) -> None:
+        self.context = context
+        self.parameter_names = parameter_names
+
+    def before(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        arguments = {**dict(zip(self.parameter_names, args)), **kwargs}
         mask = arguments.get("attention_mask")
-        context.mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        self.context.mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
         cache = _find_cache(arguments)
-        context.incoming = (getattr(cache, _CACHE_ATTR, None) or {}) if cache is not None else {}
-        context.outgoing = {}
+        self.context.incoming = (getattr(cache, _CACHE_ATTR, None) or {}) if cache is not None else {}
+        self.context.outgoing = {}
 
-    def after(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+    def after(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         cache = _output_cache(output)
-        if cache is not None and context.outgoing:
-            _StatsReorderingCache.install(cache, context.outgoing)
-
-    handles = [
-        model.register_forward_pre_hook(before, with_kwargs=True),
-        model.register_forward_hook(after, with_kwargs=True),
-    ]
-    generate = getattr(model, "generate", None)
-    if callable(generate):
-        model.generate = _prompt_routed_generate(generate, context)
-    return handles
+        if cache is not None and self.context.outgoing:
+            _StatsReorderingCache.install(cache, self.context.outgoing)
 
 
-def _prompt_routed_generate(generate: Any, context: RoutingContext) -> Any:
-    """During ``generate`` sequence routing pools over the prompt only.
+class _PromptRoutedGenerate:
+    """``generate`` with sequence routing pooled over the prompt only.
 
     With a cache, the prompt's router mix is fixed at prefill and reused for every new token; pinning
     the uncached path to the same prompt-only mix makes cached and uncached decoding agree.
     """
 
-    @functools.wraps(generate)
-    def wrapped(*args: Any, **kwargs: Any) -> Any:
+    def __init__(self, generate: Any, context: RoutingContext) -> None:
+        self.generate = generate  # a bound method: deepcopy rebinds it to the copied model
+        self.context = context
+        functools.update_wrapper(self, generate)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
         prompt = kwargs.get("input_ids", args[0] if args else None)
         if prompt is None:
             prompt = kwargs.get("inputs_embeds")
-        context.prefix_len = prompt.shape[1] if isinstance(prompt, torch.Tensor) else None
+        self.context.prefix_len = prompt.shape[1] if isinstance(prompt, torch.Tensor) else None
         try:
-            return generate(*args, **kwargs)
+            return self.generate(*args, **kwargs)
         finally:
-            context.prefix_len = None
+            self.context.prefix_len = None
 
-    wrapped._lily_ssm_original = generate  # type: ignore[attr-defined]
-    return wrapped
+
+def install_routing_hooks(model: nn.Module, context: RoutingContext) -> list[Any]:
+    """Register the hooks that feed ``context`` on every call of ``model``; returns the handles."""
+    hooks = _RoutingHooks(context, list(inspect.signature(model.forward).parameters))
+    handles = [
+        model.register_forward_pre_hook(hooks.before, with_kwargs=True),
+        model.register_forward_hook(hooks.after, with_kwargs=True),
+    ]
+    generate = getattr(model, "generate", None)
+    if callable(generate):
+        model.generate = _PromptRoutedGenerate(generate, context)
+    return handles
 
 
 def remove_routing_hooks(model: nn.Module, handles: list[Any]) -> None:
     for handle in handles:
         handle.remove()
-    generate = model.__dict__.get("generate")
-    if generate is not None and hasattr(generate, "_lily_ssm_original"):
+    if isinstance(model.__dict__.get("generate"), _PromptRoutedGenerate):
         del model.generate

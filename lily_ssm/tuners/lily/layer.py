@@ -56,7 +56,8 @@ class LilyPool(AdapterPool):
             out = h @ self.B[0]
         else:
             probs = torch.softmax((h @ self.router[self.router_index(slot)].T).float(), dim=-1)  # (N, T, E)
-            weights = mix_weights(probs, self.routing, self.context, slot.name).to(h.dtype)
+            # a 2-D input (e.g. a pooled vector) has no token axis for the attention mask to describe
+            weights = mix_weights(probs, self.routing, self.context, slot.name, masked=x.dim() > 2).to(h.dtype)
             out = mix_experts(h, weights, self.B)
         return (out * self.scaling).reshape(*lead, self.group.out_features)
 
@@ -68,19 +69,20 @@ def _as_sequences(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(x.shape[0], -1, x.shape[-1])
 
 
-def mix_weights(probs: torch.Tensor, routing: str, context: RoutingContext, key: str) -> torch.Tensor:
+def mix_weights(probs: torch.Tensor, routing: str, context: RoutingContext, key: str,
+                masked: bool = True) -> torch.Tensor:
     """Expert weights from per-token router probabilities ``(N, T, E)``.
 
     Returns ``(E,)`` for ``batch``, ``(N, E)`` for ``sequence`` and ``(N, T, E)`` for ``token`` and
     ``causal``. ``sequence`` and ``causal`` ignore padding and continue from the statistics of
-    tokens consumed by earlier cached calls.
+    tokens consumed by earlier cached calls. ``masked=False`` ignores the context's attention mask.
     """
     if routing == "token":
         return probs
     if routing == "batch":
         return probs.reshape(-1, probs.shape[-1]).mean(0)
     n, t, _ = probs.shape
-    mask = context.token_mask(n, t)
+    mask = context.token_mask(n, t) if masked else None
     mask = probs.new_ones(n, t, 1) if mask is None else mask.to(probs.dtype)[..., None]
     previous = context.incoming.get(key)
     if previous is not None and previous.total.shape[0] != n:
