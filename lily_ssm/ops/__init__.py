@@ -2,5 +2,9 @@
 
 from .conv import causal_conv1d, causal_conv1d_update
 from .scan import selective_scan, selective_scan_ref, selective_state_update
+from .scan_chunked import selective_scan_chunked
 
-__all__ = ["causal_conv1d", "causal_conv1d_update", "selective_scan", "selective_scan_ref", "selective_state_update"]
+__all__ = [
+    "causal_conv1d", "causal_conv1d_update", "selective_scan", "selective_scan_chunked", "selective_scan_ref",
+    "selective_state_update",
+]

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from . import kernels
+from .scan_chunked import selective_scan_chunked
 
 
 def _discretise(delta: torch.Tensor, delta_bias: torch.Tensor | None, delta_softplus: bool) -> torch.Tensor:
@@ -51,10 +52,17 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: tor
                    D: torch.Tensor | None = None, z: torch.Tensor | None = None,
                    delta_bias: torch.Tensor | None = None, delta_softplus: bool = False,
                    return_last_state: bool = False, initial_state: torch.Tensor | None = None):
-    """The one dispatch point for full-sequence scans (training, evaluation, prefill)."""
+    """The one dispatch point for full-sequence scans (training, evaluation, prefill).
+
+    CUDA kernel when importable and ``u`` is on CUDA (it cannot start from a state); otherwise the
+    chunked PyTorch scan (input-dependent ``B``/``C``), or the sequential reference for other layouts.
+    """
     kernel = kernels.usable("selective_scan_fn", u) if initial_state is None else None
     if kernel is not None:
         return kernel(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    if B.dim() == 3 and C.dim() == 3:
+        return selective_scan_chunked(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
+                                      initial_state)
     return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
                               initial_state)
 
