@@ -173,3 +173,20 @@ def test_scan_and_conv_dispatch_to_kernels_when_present():
             got = model.generate(IDS, max_new_tokens=3, do_sample=False, pad_token_id=0)
     assert torch.equal(got, expected)
     assert calls == {"scan": 3, "conv": 3, "update": 6, "conv_update": 6}
+
+
+@pytest.mark.parametrize("routing", ["sequence", "causal"])
+def test_gradient_checkpointing_recomputes_with_the_same_routing(routing):
+    """Block recomputation in backward (the memory saving mamba_inner_fn offers) keeps adapters and masks."""
+    model = lily_ssm.apply_adapter(tiny_mamba("falcon"), lily(MAMBA_TARGETS, routing))
+    randomise_adapter(model)
+    checkpointed = copy.deepcopy(model)
+    checkpointed.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    mask = torch.ones_like(IDS)
+    mask[0, :4] = 0
+    for m in (model, checkpointed):
+        m.train()
+        m(IDS, attention_mask=mask, labels=IDS).loss.backward()
+    for (name, p), (_, q) in zip(model.lily_ssm_adapter.named_parameters(),
+                                 checkpointed.lily_ssm_adapter.named_parameters()):
+        torch.testing.assert_close(q.grad, p.grad, atol=1e-6, rtol=1e-5, msg=name)
