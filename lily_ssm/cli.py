@@ -16,20 +16,77 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from .train.config import load_config
+    from .train.trainer import run_training
+
+    config = load_config(args.config, args.set)
+    result = run_training(config)
+    print(f"adapter written to {result['adapter']} after {result['global_step']} steps; log: {result['log']}")
+    return 0
+
+
+def _eval_commonsense(args: argparse.Namespace) -> int:
+    from .data.prompts import resolve_tasks
+    from .evaluation.commonsense import evaluate_commonsense, markdown_table, task_test_file
+    from .models.loading import load_model_and_tokenizer
+    from .persistence import load_adapter
+
+    for task in resolve_tasks(args.tasks):  # bad task names or missing files fail before the model loads
+        task_test_file(args.data_root, task)
+    model, tokenizer = load_model_and_tokenizer(args.model, args.dtype, args.device_map)
+    if args.adapter:
+        load_adapter(model, args.adapter)
+    results = evaluate_commonsense(model, tokenizer, args.data_root, args.tasks, args.batch_size, args.num_beams,
+                                   args.max_new_tokens, args.limit, args.output)
+    print()
+    print(markdown_table({"accuracy (%)": results}))
+    if args.output:
+        print(f"results, table and predictions written to {args.output}/")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lily-ssm", description="Lily adapters for Mamba / state-space models")
     sub = parser.add_subparsers(dest="command", required=True)
+
     demo = sub.add_parser("demo", help="train Lily on a tiny Falcon-Mamba for a few steps (CPU, no downloads)")
     demo.add_argument("--steps", type=int, default=60, help="training steps (default 60)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--out", default="lily-demo-adapter", help="folder for the trained adapter")
     demo.set_defaults(func=_demo)
+
+    train = sub.add_parser("train", help="fine-tune an adapter from a YAML experiment config")
+    train.add_argument("config", help="YAML file with model / adapter / data / training sections")
+    train.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                       help="override a config value, e.g. --set training.learning_rate=1e-4 (repeatable)")
+    train.set_defaults(func=_train)
+
+    ev = sub.add_parser("eval-commonsense", help="the eight-task commonsense evaluation (generation + answer match)")
+    ev.add_argument("--model", required=True, help="hub id, local folder, or builtin:tiny-falcon-mamba")
+    ev.add_argument("--adapter", help="adapter folder written by lily-ssm")
+    ev.add_argument("--data-root", required=True, help="folder with <task>/test.json for each task")
+    ev.add_argument("--tasks", default=None,
+                    help="comma-separated subset of boolq,piqa,social_i_qa,hellaswag,winogrande,ARC-Easy,"
+                         "ARC-Challenge,openbookqa (default: all eight)")
+    ev.add_argument("--batch-size", type=int, default=16)
+    ev.add_argument("--num-beams", type=int, default=1, help="1 = greedy (default)")
+    ev.add_argument("--max-new-tokens", type=int, default=32)
+    ev.add_argument("--limit", type=int, default=None, help="only the first N items of each task")
+    ev.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
+    ev.add_argument("--device-map", default=None, help="e.g. auto or cuda:0 (default: CPU)")
+    ev.add_argument("--output", default=None, help="folder for results.json, results.md and predictions/")
+    ev.set_defaults(func=_eval_commonsense)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as exc:  # our errors name the bad file / key / value
+        print(f"lily-ssm {args.command}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

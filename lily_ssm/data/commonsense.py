@@ -1,0 +1,93 @@
+"""Commonsense170K-style data: reading and validating files, tokenising with the shared prompt."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from .prompts import build_prompt
+
+TRAIN_FIELDS = ("instruction", "output")
+TEST_FIELDS = ("instruction", "answer")
+OPTIONAL_TEXT_FIELDS = ("input",)
+
+
+class DataError(ValueError):
+    """A data file or row that cannot be used; the message names the file and row."""
+
+
+def validate_rows(rows: Any, source: str, required: tuple[str, ...]) -> list[dict[str, str]]:
+    """Check ``rows`` is a non-empty list of objects whose ``required`` fields are strings."""
+    if not isinstance(rows, list):
+        raise DataError(f"{source}: expected a JSON list of objects, got {type(rows).__name__}")
+    if not rows:
+        raise DataError(f"{source}: the file holds no rows")
+    clean = []
+    for index, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise DataError(f"{source}: row {index} is a {type(row).__name__}, expected an object")
+        for name in required:
+            if name not in row:
+                raise DataError(f"{source}: row {index} has no {name!r} field (fields: {', '.join(row)})")
+        for name in (*required, *OPTIONAL_TEXT_FIELDS):
+            value = row.get(name)
+            if name in row and value is not None and not isinstance(value, str):
+                raise DataError(f"{source}: row {index} field {name!r} is a {type(value).__name__}, expected text")
+        if not row["instruction"].strip():
+            raise DataError(f"{source}: row {index} has an empty 'instruction'")
+        clean.append({**row, "input": row.get("input") or ""})
+    return clean
+
+
+def read_rows(path: str | Path, required: tuple[str, ...] = TRAIN_FIELDS) -> list[dict[str, str]]:
+    """Rows of a ``.json`` list or ``.jsonl`` file, validated."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data file {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix == ".jsonl":
+            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+        else:
+            rows = json.loads(text) if text.strip() else []
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: not valid JSON ({exc})") from exc
+    return validate_rows(rows, str(path), required)
+
+
+def load_train_dataset(source: str, val_set_size: int = 0, seed: int = 42):
+    """Commonsense170K as ``datasets`` splits ``train`` (and ``validation`` when ``val_set_size > 0``).
+
+    ``source`` is a local ``.json``/``.jsonl`` file or a dataset id available on this machine.
+    """
+    import datasets
+
+    if Path(source).suffix in (".json", ".jsonl") or Path(source).exists():
+        rows = read_rows(source)
+    else:
+        rows = validate_rows(list(datasets.load_dataset(source, split="train")), source, TRAIN_FIELDS)
+    data = datasets.Dataset.from_list(rows)
+    if val_set_size <= 0:
+        return datasets.DatasetDict({"train": data})
+    if val_set_size >= len(data):
+        raise DataError(f"{source}: val_set_size={val_set_size} leaves no training rows ({len(data)} rows in all)")
+    split = data.train_test_split(test_size=val_set_size, shuffle=True, seed=seed)
+    return datasets.DatasetDict({"train": split["train"], "validation": split["test"]})
+
+
+def tokenize_row(row: dict[str, str], tokenizer, cutoff_len: int, train_on_inputs: bool = True,
+                 add_eos: bool = True) -> dict[str, list[int]]:
+    """Token ids of the full prompt + response, cut at ``cutoff_len``; with ``train_on_inputs=False``
+    the prompt's tokens get label -100 so only the response is learned."""
+    full = build_prompt(row["instruction"], row.get("input"), row["output"])
+    ids = tokenizer(full, truncation=True, max_length=cutoff_len, add_special_tokens=True)["input_ids"]
+    eos = tokenizer.eos_token_id
+    if add_eos and eos is not None and len(ids) < cutoff_len and ids[-1:] != [eos]:
+        ids = ids + [eos]
+    labels = list(ids)
+    if not train_on_inputs:
+        prompt = build_prompt(row["instruction"], row.get("input"))
+        n_prompt = len(tokenizer(prompt, truncation=True, max_length=cutoff_len, add_special_tokens=True)["input_ids"])
+        labels[:n_prompt] = [-100] * min(n_prompt, len(labels))
+    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}

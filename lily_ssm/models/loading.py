@@ -1,0 +1,61 @@
+"""Loading a base model and its tokenizer: a hub id, a local folder, or a built-in tiny model."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+BUILTIN_PREFIX = "builtin:"
+BUILTIN_MODELS = ("tiny-falcon-mamba",)
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+def cache_dir() -> Path:
+    """Where built-in assets are kept: ``$LILY_SSM_CACHE``, else ``~/.cache/lily-ssm``."""
+    return Path(os.environ.get("LILY_SSM_CACHE", Path.home() / ".cache" / "lily-ssm"))
+
+
+def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | str | None:
+    if name is None or isinstance(name, torch.dtype) or name == "auto":
+        return name
+    if name not in _DTYPES:
+        raise ValueError(f"dtype={name!r}; choose one of auto, {', '.join(_DTYPES)}")
+    return _DTYPES[name]
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """A hub id or folder as given; ``builtin:<name>`` becomes the cached folder of that model,
+    built (and briefly pre-trained) on first use."""
+    if not name_or_path.startswith(BUILTIN_PREFIX):
+        return name_or_path
+    name = name_or_path[len(BUILTIN_PREFIX):]
+    if name not in BUILTIN_MODELS:
+        raise ValueError(f"unknown built-in model {name_or_path!r}; built-in models: "
+                         + ", ".join(BUILTIN_PREFIX + m for m in BUILTIN_MODELS))
+    from .tiny import build_quickstart_base
+
+    return str(build_quickstart_base(cache_dir() / name))
+
+
+def load_model_and_tokenizer(name_or_path: str, dtype: str | torch.dtype | None = "auto",
+                             device_map: str | dict[str, Any] | None = None, tokenizer: str | None = None,
+                             trust_remote_code: bool = False):
+    """``(model, tokenizer)`` for a causal LM. The tokenizer gets a pad token (its EOS) if it has none."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model_path(name_or_path)
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if dtype is not None:
+        kwargs["dtype"] = parse_dtype(dtype)
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    tok = AutoTokenizer.from_pretrained(resolve_model_path(tokenizer) if tokenizer else path,
+                                        trust_remote_code=trust_remote_code)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return model, tok
