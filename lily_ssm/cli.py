@@ -6,13 +6,10 @@ import argparse
 import sys
 
 
-def _demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+def _quickstart(args: argparse.Namespace) -> int:
+    from .quickstart import run_quickstart
 
-    result = run_demo(steps=args.steps, seed=args.seed, out_dir=args.out)
-    if not result["loss_after"] < result["loss_before"]:
-        print("error: the demo's loss did not decrease", file=sys.stderr)
-        return 1
+    run_quickstart(args.out, reduced=args.reduced)
     return 0
 
 
@@ -46,15 +43,23 @@ def _eval_commonsense(args: argparse.Namespace) -> int:
     return 0
 
 
+def _lm_eval(lm_eval_args: list[str]) -> int:
+    try:
+        from .evaluation.harness import run_cli
+    except ImportError as exc:
+        raise ValueError(f"lm-evaluation-harness is not installed ({exc}); pip install 'lily-ssm[eval]'") from exc
+    return run_cli(lm_eval_args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lily-ssm", description="Lily adapters for Mamba / state-space models")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="train Lily on a tiny Falcon-Mamba for a few steps (CPU, no downloads)")
-    demo.add_argument("--steps", type=int, default=60, help="training steps (default 60)")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--out", default="lily-demo-adapter", help="folder for the trained adapter")
-    demo.set_defaults(func=_demo)
+    quick = sub.add_parser("quickstart", help="the built-in default job: tiny Falcon-Mamba, generated commonsense "
+                           "data, evaluate / fine-tune Lily / evaluate (CPU, no downloads, a few minutes)")
+    quick.add_argument("--out", default="lily-quickstart", help="output folder (default lily-quickstart)")
+    quick.add_argument("--reduced", action="store_true", help="a seconds-long smoke run (tiny sizes)")
+    quick.set_defaults(func=_quickstart)
 
     train = sub.add_parser("train", help="fine-tune an adapter from a YAML experiment config")
     train.add_argument("config", help="YAML file with model / adapter / data / training sections")
@@ -77,10 +82,21 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--device-map", default=None, help="e.g. auto or cuda:0 (default: CPU)")
     ev.add_argument("--output", default=None, help="folder for results.json, results.md and predictions/")
     ev.set_defaults(func=_eval_commonsense)
+
+    lm = sub.add_parser("lm-eval", add_help=False, help="lm-evaluation-harness's own command line with the 'lily' "
+                        "backend registered, e.g. --model lily --model_args pretrained=...,adapter=... --tasks ...")
+    lm.add_argument("lm_eval_args", nargs=argparse.REMAINDER)  # handed over verbatim, see main()
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["lm-eval"]:  # everything after it belongs to lm-eval's own parser
+        try:
+            return _lm_eval(argv[1:])
+        except (ValueError, FileNotFoundError) as exc:
+            print(f"lily-ssm lm-eval: error: {exc}", file=sys.stderr)
+            return 2
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

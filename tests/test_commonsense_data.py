@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
 from lily_ssm.data.commonsense import DataError, read_rows, tokenize_row
 from lily_ssm.data.prompts import TASKS, build_prompt, resolve_tasks
 from lily_ssm.train.config import ConfigError, load_config
+
+CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 
 def test_prompt_with_and_without_input():
@@ -150,3 +153,9 @@ def test_bad_configs_are_named(tmp_path, text, overrides, message):
 def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS_DIR.rglob("*.yaml")), ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_shipped_configs_are_valid(path):
+    config = load_config(path)
+    assert config.adapter_config().targets

@@ -13,6 +13,26 @@ TEST_FIELDS = ("instruction", "answer")
 OPTIONAL_TEXT_FIELDS = ("input",)
 
 
+BUILTIN_DATA = "builtin:synthetic-commonsense"
+BUILTIN_SIZES = {"train_per_task": 1000, "test_per_task": 40, "seed": 0}
+
+
+def resolve_data_root(source: str | Path) -> Path:
+    """A data folder as given; ``builtin:synthetic-commonsense`` becomes the generated data set in the
+    cache (training file ``commonsense_170k.json`` and ``<task>/test.json``), written on first use."""
+    if not str(source).startswith("builtin:"):
+        return Path(source)
+    if str(source) != BUILTIN_DATA:
+        raise ValueError(f"unknown built-in data set {source!r}; built-in data: {BUILTIN_DATA}")
+    from ..models.loading import cache_dir
+    from .synthetic import write_synthetic_commonsense
+
+    root = cache_dir() / "synthetic-commonsense"
+    if not (root / "commonsense_170k.json").is_file():
+        write_synthetic_commonsense(root, **BUILTIN_SIZES)
+    return root
+
+
 class DataError(ValueError):
     """A data file or row that cannot be used; the message names the file and row."""
 
@@ -63,6 +83,8 @@ def load_train_dataset(source: str, val_set_size: int = 0, seed: int = 42):
     """
     import datasets
 
+    if source.startswith("builtin:"):
+        source = str(resolve_data_root(source) / "commonsense_170k.json")
     if Path(source).suffix in (".json", ".jsonl") or Path(source).exists():
         rows = read_rows(source)
     else:

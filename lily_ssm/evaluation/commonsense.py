@@ -10,13 +10,13 @@ from typing import Any
 
 import torch
 
-from ..data.commonsense import TEST_FIELDS, read_rows
+from ..data.commonsense import TEST_FIELDS, read_rows, resolve_data_root
 from ..data.prompts import Task, build_prompt, resolve_tasks
 from ..utils.atomic import write_atomic
 
 
 def task_test_file(data_root: str | Path, task: Task) -> Path:
-    path = Path(data_root) / task.name / "test.json"
+    path = resolve_data_root(data_root) / task.name / "test.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: expected <data-root>/{task.name}/test.json for task {task.name}")
     return path

@@ -10,8 +10,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
-from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 from ..data.commonsense import load_train_dataset, tokenize_row
@@ -90,6 +91,7 @@ def _training_arguments(config: ExperimentConfig, has_eval: bool) -> TrainingArg
         disable_tqdm=not t.progress_bar,
         report_to="none",
         remove_unused_columns=False,
+        dataloader_pin_memory=torch.cuda.is_available(),
     )
 
 
@@ -113,6 +115,7 @@ def run_training(config: ExperimentConfig, log: Any = print) -> dict[str, Any]:
     m = config.model
     model, tokenizer = load_model_and_tokenizer(m.name_or_path, m.dtype, m.device_map, m.tokenizer,
                                                 m.trust_remote_code)
+    set_seed(config.training.seed)  # the adapter's initial weights are part of the run
     apply_adapter(model, adapter_config)
     log(str(parameter_report(model)))
 

@@ -48,6 +48,7 @@ class RoutingContext:
     incoming: dict[str, RouterStats] = field(default_factory=dict)
     outgoing: dict[str, RouterStats] = field(default_factory=dict)
     prefix_len: int | None = None  # set during generate(): sequence routing pools over the prompt only
+    recorder: Any = None  # analysis.routing.RouterRecorder while router weights are being recorded
 
     def token_mask(self, batch: int, tokens: int) -> torch.Tensor | None:
         """The padding mask aligned with a ``(batch, tokens, features)`` input, or None."""
