@@ -1,0 +1,90 @@
+"""lm-evaluation-harness backend ``lily``: lm-eval's ``HFLM`` with a lily-ssm adapter loaded.
+
+    lm_eval --model lily --model_args pretrained=<hub id or folder>,adapter=<adapter folder> ...
+
+Importing this module registers the backend (``lily-ssm lm-eval`` does it for you). Everything else
+— dtype, device, batch_size, max_length, loglikelihood, rolling loglikelihood, generation — is HFLM's.
+One addition: HFLM scores loglikelihood requests in right-padded batches without an attention mask;
+this backend passes the mask, so Lily's routers ignore the padding and results do not depend on
+the batch size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from lm_eval.api.registry import register_model
+from lm_eval.models import huggingface as _hf
+from lm_eval.models.huggingface import HFLM
+
+from ..models.loading import resolve_model_path
+from ..persistence import load_adapter
+from ..tuners.model import ADAPTER_ATTR
+
+
+@register_model("lily")
+class LilyLM(HFLM):
+    """``HFLM`` plus ``adapter=<folder>`` (a lily-ssm adapter; optional, to score the base alone)."""
+
+    def __init__(self, pretrained: Any, adapter: str | None = None, **kwargs: Any) -> None:
+        if adapter is not None and not Path(adapter).is_dir():
+            raise FileNotFoundError(f"adapter folder {adapter} does not exist (model_args adapter=...)")
+        if isinstance(pretrained, str):
+            pretrained = resolve_model_path(pretrained)
+        kwargs.setdefault("backend", "causal")
+        kwargs.setdefault("device", "cuda" if torch.cuda.is_available() else "cpu")
+        super().__init__(pretrained=pretrained, **kwargs)
+        self._row_lengths: list[int] | None = None
+        if adapter is not None and getattr(self.model, ADAPTER_ATTR, None) is None:
+            load_adapter(self.model, adapter)
+        self.model.eval()
+
+    @contextlib.contextmanager
+    def _recording_row_lengths(self) -> Iterator[None]:
+        """Remember the true length of each row HFLM right-pads, for the attention mask."""
+        original = _hf.pad_and_concat
+
+        def recording(max_length: int, tensors: list[torch.Tensor], padding_side: str = "right") -> torch.Tensor:
+            self._row_lengths = [int(t.shape[-1]) for t in tensors] if padding_side == "right" else None
+            return original(max_length, tensors, padding_side=padding_side)
+
+        _hf.pad_and_concat = recording
+        try:
+            yield
+        finally:
+            _hf.pad_and_concat = original
+            self._row_lengths = None
+
+    def _loglikelihood_tokens(self, requests: Any, disable_tqdm: bool = False, override_bs: int | None = None):
+        with self._recording_row_lengths():
+            return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
+
+    def _model_call(self, inps: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                    labels: torch.Tensor | None = None) -> torch.Tensor:
+        lengths = self._row_lengths
+        if attn_mask is not None or labels is not None or lengths is None or len(lengths) != inps.shape[0]:
+            return super()._model_call(inps, attn_mask, labels)
+        positions = torch.arange(inps.shape[1], device=inps.device)
+        mask = (positions[None, :] < torch.tensor(lengths, device=inps.device)[:, None]).long()
+        with torch.no_grad(), torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype,
+                                             enabled=self.mixed_precision_dtype is not None):
+            return self.model(inps, attention_mask=mask).logits
+
+
+def run_cli(argv: list[str]) -> int:
+    """``lm_eval``'s own command line with the ``lily`` backend registered."""
+    import sys
+
+    from lm_eval.__main__ import cli_evaluate
+
+    saved = sys.argv
+    sys.argv = ["lm_eval", *argv]
+    try:
+        cli_evaluate()
+    finally:
+        sys.argv = saved
+    return 0
