@@ -20,9 +20,8 @@ from torch import nn
 
 from .tuners import config_from_dict
 from .tuners.base import AdapterConfig
-from .tuners.model import ADAPTER_ATTR, apply_adapter, describe_base_model, get_adapter_state, pool_tensors
+from .tuners.model import ADAPTER_ATTR, apply_adapter, describe_base_model, get_adapter_state, plan_pools, pool_tensors
 from .tuners.routing import RoutingContext
-from .tuners.targets import find_targets
 from .utils.atomic import write_atomic
 
 CONFIG_NAME = "adapter_config.json"
@@ -153,9 +152,6 @@ def _planned_layout(model: nn.Module, config: AdapterConfig) -> tuple[dict[str, 
     existing = getattr(model, ADAPTER_ATTR, None)
     if existing is not None:
         return existing.modules_shapes(), {key: list(p.shape) for key, p in existing.tensors().items()}
-    groups = find_targets(model, config.targets)
-    config.check_overrides([g.key for g in groups])
-    context, meta = RoutingContext(), torch.device("meta")
-    pools = {g.key: config.build_pool(g, context, torch.float32, meta) for g in groups}
+    groups, pools = plan_pools(model, config, RoutingContext(), device=torch.device("meta"))
     modules = {m.name: [m.in_features, m.out_features] for g in groups for m in g.modules}
     return modules, {key: list(p.shape) for key, p in pool_tensors(pools).items()}

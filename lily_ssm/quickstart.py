@@ -27,7 +27,7 @@ from .utils.atomic import write_atomic
 
 BASE_MODEL = BUILTIN_PREFIX + "tiny-falcon-mamba"
 
-# The quickstart's experiment; configs/tiny/lily_quickstart.yaml is the same run for `lily-ssm train`.
+# The quickstart's experiment: configs/tiny/lily_dt_in.yaml with its data and saving adapted to the quickstart.
 EXPERIMENT: dict[str, Any] = {
     "model": {"name_or_path": BASE_MODEL, "dtype": "float32"},
     "adapter": {"method": "lily", "targets": ["in_proj", "dt_proj"], "r": 16, "num_A": 2, "num_B": 4,

@@ -119,3 +119,15 @@ def test_quickstart_reduced_runs_end_to_end(tmp_path):
         assert (tmp_path / "qs" / name).is_file(), name
     assert (tmp_path / "qs" / "router_weights.png").stat().st_size > 1000
     assert set(summary["lily"]["tasks"]) == set(summary["untuned"]["tasks"]) and len(summary["lily"]["tasks"]) == 8
+
+
+def test_effective_batch_must_divide_across_processes(assets, tmp_path, monkeypatch):
+    from lily_ssm.train.config import ConfigError
+    from lily_ssm.train.trainer import _training_arguments
+
+    config = parse_config(experiment(assets, tmp_path / "run", batch_size=16, micro_batch_size=4))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert _training_arguments(config, has_eval=False).gradient_accumulation_steps == 2
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    with pytest.raises(ConfigError, match="not a multiple of training.micro_batch_size=4 x 8 process"):
+        _training_arguments(config, has_eval=False)

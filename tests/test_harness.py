@@ -102,3 +102,10 @@ def test_instruction_parsing_for_conversion():
         "Please choose the correct solution to the question: how to boil water?\n\nSolution1: heat it\n\n"
         "Solution2: freeze it\n\nAnswer format: solution1/solution2")
     assert question == "how to boil water?" and options == ["heat it", "freeze it"]
+
+
+def test_adapter_argument_is_loaded_onto_an_already_adapted_model(assets):
+    model, tokenizer = load_model_and_tokenizer(assets["base"], dtype="float32")
+    lily_ssm.apply_adapter(model, lily_ssm.LilyConfig(["in_proj", "dt_proj"], r=4, num_A=1, num_B=3))
+    lm = LilyLM(pretrained=model, tokenizer=tokenizer, adapter=assets["random"], batch_size=2)
+    assert lm.model.lily_ssm_adapter.pools["in_proj"].B.abs().sum() > 0

@@ -190,3 +190,31 @@ def test_gradient_checkpointing_recomputes_with_the_same_routing(routing):
     for (name, p), (_, q) in zip(model.lily_ssm_adapter.named_parameters(),
                                  checkpointed.lily_ssm_adapter.named_parameters()):
         torch.testing.assert_close(q.grad, p.grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_generate_with_inputs_keyword_pins_sequence_routing_to_the_prompt():
+    model = lily_ssm.apply_adapter(tiny_mamba("falcon"), lily(MAMBA_TARGETS, "sequence"))
+    randomise_adapter(model, std=0.5)
+    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None)
+    with torch.no_grad():
+        cached = model.generate(inputs=IDS, use_cache=True, **kwargs)
+        uncached = model.generate(inputs=IDS, use_cache=False, **kwargs)
+    assert torch.equal(cached, uncached)
+
+
+def test_regex_targets_keep_only_linear_layers():
+    model = lily_ssm.apply_adapter(tiny_mamba("falcon"), lily_ssm.LilyConfig(r"backbone\.layers\.\d+\.mixer\..*",
+                                                                             r=2, num_A=1, num_B=2))
+    assert set(model.lily_ssm_adapter.pools) == set(MAMBA_TARGETS)  # conv1d, norms and A_log are not Linear
+
+
+def test_pools_follow_an_offloaded_module_to_its_execution_device():
+    from types import SimpleNamespace
+
+    from lily_ssm.tuners.model import _pool_dtype_device
+
+    with torch.device("meta"):
+        linear = torch.nn.Linear(4, 4, dtype=torch.bfloat16)
+    assert _pool_dtype_device(linear) == (torch.float32, torch.device("meta"))  # meta model: shapes only
+    linear._hf_hook = SimpleNamespace(execution_device="cpu")
+    assert _pool_dtype_device(linear) == (torch.float32, torch.device("cpu"))

@@ -173,6 +173,7 @@ def wide_model(layers: int = 2, dtype: torch.dtype = torch.float32) -> nn.Module
 @pytest.mark.parametrize("method", ["lily", "lora"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_file_size_is_parameters_times_bytes(tmp_path, method, dtype):
+    """Half-precision bases get fp32 adapter weights (so small updates are not rounded away)."""
     config = (LilyConfig(targets=list(TARGETS), r=16, num_A=2, num_B=3) if method == "lily"
               else LoraConfig(targets=list(TARGETS), r=16, alpha=16.0))
     model = lily_ssm.apply_adapter(wide_model(dtype=dtype), config)
@@ -181,11 +182,11 @@ def test_file_size_is_parameters_times_bytes(tmp_path, method, dtype):
     lily_ssm.save_adapter(model, tmp_path)
 
     size = (tmp_path / WEIGHTS_NAME).stat().st_size
-    data = trainable * torch.finfo(dtype).bits // 8
+    data = trainable * 4  # fp32 adapter weights, whatever the base dtype
     assert size >= data
     assert abs(size - data) / data < 0.05, (size, data)
     with safe_open(str(tmp_path / WEIGHTS_NAME), framework="pt") as handle:
-        assert all(handle.get_tensor(k).dtype == dtype for k in handle.keys())
+        assert all(handle.get_tensor(k).dtype == torch.float32 for k in handle.keys())
 
 
 def test_shared_tensors_stored_once(tmp_path):

@@ -23,7 +23,6 @@ from lm_eval.models.huggingface import HFLM
 
 from ..models.loading import resolve_model_path
 from ..persistence import load_adapter
-from ..tuners.model import ADAPTER_ATTR
 
 
 @register_model("lily")
@@ -39,7 +38,7 @@ class LilyLM(HFLM):
         kwargs.setdefault("device", "cuda" if torch.cuda.is_available() else "cpu")
         super().__init__(pretrained=pretrained, **kwargs)
         self._row_lengths: list[int] | None = None
-        if adapter is not None and getattr(self.model, ADAPTER_ATTR, None) is None:
+        if adapter is not None:  # also onto a model passed in already adapted (same config), never skipped
             load_adapter(self.model, adapter)
         self.model.eval()
 

@@ -60,11 +60,12 @@ class AdapterTrainer(Trainer):
 
 def _training_arguments(config: ExperimentConfig, has_eval: bool) -> TrainingArguments:
     t = config.training
-    if t.batch_size % t.micro_batch_size:
-        raise ConfigError(f"{config.source}: training.batch_size={t.batch_size} is not a multiple of "
-                          f"training.micro_batch_size={t.micro_batch_size}")
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    accumulation = max(1, t.batch_size // t.micro_batch_size // world)
+    if t.batch_size % (t.micro_batch_size * world):
+        raise ConfigError(f"{config.source}: training.batch_size={t.batch_size} is not a multiple of "
+                          f"training.micro_batch_size={t.micro_batch_size} x {world} process(es); the "
+                          "effective batch would silently change")
+    accumulation = t.batch_size // (t.micro_batch_size * world)
     return TrainingArguments(
         output_dir=t.output_dir,
         num_train_epochs=t.epochs,

@@ -50,7 +50,8 @@ class AdapterPool(nn.Module, ABC):
 
 @dataclass
 class AdapterConfig(ABC):
-    """Fields shared by every adapter config. Subclasses are dataclasses too."""
+    """Behaviour shared by every adapter config (validation, per-target overrides, serialisation).
+    Subclasses are dataclasses that define the fields."""
 
     method: ClassVar[str]
     overridable: ClassVar[tuple[str, ...]] = ()

@@ -67,10 +67,31 @@ def get_adapter_state(model: nn.Module) -> AdapterState:
     return state
 
 
-def _module_dtype_device(model: nn.Module, name: str) -> tuple[torch.dtype, torch.device]:
-    weight = model.get_submodule(name).weight
-    dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
-    return dtype, weight.device
+def _pool_dtype_device(module: nn.Module) -> tuple[torch.dtype, torch.device]:
+    """Adapter weights live beside the module's weight; half-precision bases get fp32 adapters so small
+    optimizer steps are not rounded away. A module offloaded by accelerate (weight on ``meta``) runs on
+    its hook's execution device."""
+    weight = module.weight
+    dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
+    device = weight.device
+    hook = getattr(module, "_hf_hook", None)
+    if device.type == "meta" and getattr(hook, "execution_device", None) is not None:
+        device = torch.device(hook.execution_device)
+    return dtype, device
+
+
+def plan_pools(model: nn.Module, config: AdapterConfig, context: RoutingContext,
+               device: torch.device | None = None) -> tuple[list[TargetGroup], dict[str, AdapterPool]]:
+    """The target groups of ``config`` in ``model`` and a fresh pool for each, without changing the
+    model; ``device`` overrides where the pools are built (``meta`` to only work out shapes)."""
+    config.validate()
+    groups = find_targets(model, config.targets)
+    config.check_overrides([g.key for g in groups])
+    pools: dict[str, AdapterPool] = {}
+    for group in groups:
+        dtype, where = _pool_dtype_device(model.get_submodule(group.modules[0].name))
+        pools[group.key] = config.build_pool(group, context, dtype, device or where)
+    return groups, pools
 
 
 def apply_adapter(model: nn.Module, config: AdapterConfig) -> nn.Module:
@@ -83,15 +104,8 @@ def apply_adapter(model: nn.Module, config: AdapterConfig) -> nn.Module:
         raise TypeError(f"config must be a LilyConfig or LoraConfig, got {type(config).__name__}")
     if isinstance(getattr(model, ADAPTER_ATTR, None), AdapterState):
         raise ValueError(f"{type(model).__name__} already has an adapter; apply_adapter works on a base model")
-    config.validate()
-    groups = find_targets(model, config.targets)
-    config.check_overrides([g.key for g in groups])
-
     context = RoutingContext()
-    pools: dict[str, AdapterPool] = {}
-    for group in groups:
-        dtype, device = _module_dtype_device(model, group.modules[0].name)
-        pools[group.key] = config.build_pool(group, context, dtype, device)
+    groups, pools = plan_pools(model, config, context)
 
     base_model = describe_base_model(model)
     for param in model.parameters():

@@ -143,9 +143,8 @@ class _PromptRoutedGenerate:
         functools.update_wrapper(self, generate)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        prompt = kwargs.get("input_ids", args[0] if args else None)
-        if prompt is None:
-            prompt = kwargs.get("inputs_embeds")
+        prompt = next((kwargs[k] for k in ("input_ids", "inputs", "inputs_embeds") if kwargs.get(k) is not None),
+                      args[0] if args else None)
         self.context.prefix_len = prompt.shape[1] if isinstance(prompt, torch.Tensor) else None
         try:
             return self.generate(*args, **kwargs)

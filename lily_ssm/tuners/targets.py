@@ -80,13 +80,13 @@ def find_targets(model: nn.Module, targets: str | list[str] | tuple[str, ...]) -
     named = [(n, m) for n, m in model.named_modules() if n]
     matches: dict[str, tuple[str, nn.Module]] = {}  # module name -> (type key, module)
 
-    if isinstance(spec, re.Pattern):
+    if isinstance(spec, re.Pattern):  # a regex keeps the linear layers it matches
         for name, module in named:
-            if spec.fullmatch(name):
+            if spec.fullmatch(name) and type(module) is nn.Linear:
                 matches[name] = (name.rsplit(".", 1)[-1], module)
         if not matches:
             raise ValueError(
-                f"targets regex {spec.pattern!r} matches no module of {type(model).__name__}. "
+                f"targets regex {spec.pattern!r} matches no nn.Linear of {type(model).__name__}. "
                 f"Linear layers that exist: {', '.join(linear_layer_names(model))}"
             )
     else:

@@ -78,8 +78,9 @@ def mix_weights(probs: torch.Tensor, routing: str, context: RoutingContext, key:
     """Expert weights from per-token router probabilities ``(N, T, E)``.
 
     Returns ``(E,)`` for ``batch``, ``(N, E)`` for ``sequence`` and ``(N, T, E)`` for ``token`` and
-    ``causal``. ``sequence`` and ``causal`` ignore padding and continue from the statistics of
-    tokens consumed by earlier cached calls. ``masked=False`` ignores the context's attention mask.
+    ``causal``. ``sequence`` and ``causal`` ignore padding. Given statistics from an earlier cached
+    call, ``causal`` continues its running mean and ``sequence`` keeps that call's (the prompt's) mix.
+    ``masked=False`` ignores the context's attention mask.
     """
     if routing == "token":
         return probs
