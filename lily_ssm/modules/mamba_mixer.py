@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .. import ops
+from ..tuners.base import linear_without_bias
 
 _MIXER_CLASSES = ("MambaMixer", "FalconMambaMixer")
 
@@ -31,8 +32,6 @@ def _mask_padding(hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> 
 def mamba_mixer_forward(self: nn.Module, hidden_states: torch.Tensor, cache: Any = None,
                         attention_mask: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
     """Forward of a transformers Mamba-1 mixer with every projection called as a module."""
-    from ..tuners.base import linear_without_bias
-
     if cache is None:
         cache = kwargs.get("cache_params")
     seq_len, dtype = hidden_states.shape[1], hidden_states.dtype
