@@ -48,6 +48,18 @@ class AdapterPool(nn.Module, ABC):
         raise TypeError(f"{type(self).__name__} has no input-independent weight update to merge")
 
 
+def check_positive_ints(sizes: dict[str, Any], where: str = "") -> None:
+    """Raise ``ValueError`` naming the first value in ``sizes`` that is not a positive integer."""
+    for name, value in sizes.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name}={value!r}{where}; must be a positive integer")
+
+
+def check_dropout(value: Any) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= value < 1.0:
+        raise ValueError(f"dropout={value!r}; must be a number in [0, 1)")
+
+
 @dataclass
 class AdapterConfig(ABC):
     """Behaviour shared by every adapter config (validation, per-target overrides, serialisation).

@@ -7,7 +7,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..base import AdapterConfig, AdapterPool
+from ..base import AdapterConfig, AdapterPool, check_dropout, check_positive_ints
 from ..routing import RoutingContext
 from ..targets import TargetGroup
 
@@ -52,16 +52,15 @@ class LilyConfig(AdapterConfig):
             raise ValueError(f"routing={self.routing!r}; valid modes: {', '.join(ROUTING_MODES)}")
         if self.router not in ROUTER_PLACEMENTS:
             raise ValueError(f"router={self.router!r}; valid placements: {', '.join(ROUTER_PLACEMENTS)}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout={self.dropout!r}; must be in [0, 1)")
-        _check_sizes("", {"r": self.r, "num_A": self.num_A, "num_B": self.num_B})
+        check_dropout(self.dropout)
+        check_positive_ints({"r": self.r, "num_A": self.num_A, "num_B": self.num_B})
 
     def build_pool(self, group: TargetGroup, context: RoutingContext, dtype: torch.dtype,
                    device: torch.device) -> AdapterPool:
         from .layer import LilyPool
 
         values = self.for_target(group.key)
-        _check_sizes(f" for target {group.key!r}", {k: values[k] for k in ("r", "num_A", "num_B")})
+        check_positive_ints({k: values[k] for k in ("r", "num_A", "num_B")}, f" for target {group.key!r}")
         if values["num_A"] > group.num_layers:
             raise ValueError(
                 f"num_A={values['num_A']} for target {group.key!r}, but only {group.num_layers} layers have it; "
@@ -81,8 +80,3 @@ class LilyConfig(AdapterConfig):
             device=device,
         )
 
-
-def _check_sizes(where: str, sizes: dict[str, Any]) -> None:
-    for name, value in sizes.items():
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name}={value!r}{where}; must be a positive integer")

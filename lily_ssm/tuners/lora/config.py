@@ -7,7 +7,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..base import AdapterConfig, AdapterPool
+from ..base import AdapterConfig, AdapterPool, check_dropout, check_positive_ints
 from ..routing import RoutingContext
 from ..targets import TargetGroup
 
@@ -29,10 +29,8 @@ class LoraConfig(AdapterConfig):
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def validate(self) -> None:
-        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
-            raise ValueError(f"r={self.r!r}; must be a positive integer")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout={self.dropout!r}; must be in [0, 1)")
+        check_positive_ints({"r": self.r})
+        check_dropout(self.dropout)
 
     def build_pool(self, group: TargetGroup, context: RoutingContext, dtype: torch.dtype,
                    device: torch.device) -> AdapterPool:
@@ -40,7 +38,6 @@ class LoraConfig(AdapterConfig):
 
         values = self.for_target(group.key)
         r = values["r"]
-        if not isinstance(r, int) or isinstance(r, bool) or r < 1:
-            raise ValueError(f"r={r!r} for target {group.key!r}; must be a positive integer")
+        check_positive_ints({"r": r}, f" for target {group.key!r}")
         return LoraPool(group, r=r, scaling=float(values["alpha"]) / r, dropout=self.dropout,
                         dtype=dtype, device=device)
