@@ -20,7 +20,15 @@ from torch import nn
 
 from .tuners import config_from_dict
 from .tuners.base import AdapterConfig
-from .tuners.model import ADAPTER_ATTR, apply_adapter, describe_base_model, get_adapter_state, plan_pools, pool_tensors
+from .tuners.model import (
+    ADAPTER_ATTR,
+    apply_adapter,
+    describe_base_model,
+    get_adapter_state,
+    modules_to_save_params,
+    plan_pools,
+    pool_tensors,
+)
 from .tuners.routing import RoutingContext
 from .utils.atomic import write_atomic
 
@@ -154,4 +162,5 @@ def _planned_layout(model: nn.Module, config: AdapterConfig) -> tuple[dict[str, 
         return existing.modules_shapes(), {key: list(p.shape) for key, p in existing.tensors().items()}
     groups, pools = plan_pools(model, config, RoutingContext(), device=torch.device("meta"))
     modules = {m.name: [m.in_features, m.out_features] for g in groups for m in g.modules}
-    return modules, {key: list(p.shape) for key, p in pool_tensors(pools).items()}
+    tensors = {**pool_tensors(pools), **modules_to_save_params(model, list(getattr(config, "modules_to_save", [])))}
+    return modules, {key: list(p.shape) for key, p in tensors.items()}

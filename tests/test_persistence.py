@@ -406,3 +406,29 @@ def test_save_over_existing_adapter_replaces_it(tmp_path):
     lily_ssm.save_adapter(lily_model, tmp_path)
     assert sorted(os.listdir(tmp_path)) == sorted([CONFIG_NAME, WEIGHTS_NAME])
     assert torch.equal(logits(lily_ssm.load_adapter(tiny_mamba(seed=0), tmp_path), ids), expected)
+
+
+def test_modules_to_save_train_and_round_trip_with_the_adapter(tmp_path):
+    from lily_ssm.models.vim import VimConfig, VisionMamba
+
+    def vim(seed):
+        torch.manual_seed(seed)
+        return VisionMamba(VimConfig(img_size=16, patch_size=8, embed_dim=16, depth=2, num_classes=3)).eval()
+
+    config = LilyConfig(["in_proj", "dt_proj", "dt_proj_b"], r=2, num_A=2, num_B=2, routing="token", router="global",
+                        modules_to_save=["head"])
+    model = lily_ssm.apply_adapter(vim(0), config)
+    assert model.head.weight.requires_grad and not model.patch_embed.proj.weight.requires_grad
+    assert lily_ssm.parameter_report(model).other_trainable == 16 * 3 + 3
+    randomise_adapter(model)
+    with torch.no_grad():
+        model.head.weight.normal_()
+    pixels = torch.randn(2, 3, 16, 16)
+    lily_ssm.save_adapter(model, tmp_path)
+    with safe_open(str(tmp_path / WEIGHTS_NAME), framework="pt") as handle:
+        assert {"modules_to_save.head.weight", "modules_to_save.head.bias"} <= set(handle.keys())
+    loaded = lily_ssm.load_adapter(vim(1), tmp_path)  # another random base: the head comes from the file
+    with torch.no_grad():
+        assert torch.equal(loaded.head.weight, model.head.weight)
+    with pytest.raises(ValueError, match="modules_to_save entry 'classifier' matches no module"):
+        lily_ssm.apply_adapter(vim(0), LilyConfig(["in_proj"], r=2, num_A=1, num_B=2, modules_to_save=["classifier"]))

@@ -34,14 +34,33 @@ class AdapterState(nn.Module):
         self.pools = nn.ModuleDict(pools)
         self.context = context
         self.base_model = base_model
+        self.saved: dict[str, nn.Parameter] = {}  # modules_to_save parameters (owned by the model, not here)
         self.hook_handles: list[Any] = []
 
     def modules_shapes(self) -> dict[str, list[int]]:
         return {m.name: [m.in_features, m.out_features] for g in self.groups.values() for m in g.modules}
 
     def tensors(self) -> dict[str, nn.Parameter]:
-        """Every adapter tensor once, keyed ``<target type>.<kind>``."""
-        return pool_tensors(self.pools)
+        """Every adapter tensor once, keyed ``<target type>.<kind>``, plus ``modules_to_save.<path>``."""
+        return {**pool_tensors(self.pools), **self.saved}
+
+
+SAVED_PREFIX = "modules_to_save."
+
+
+def modules_to_save_params(model: nn.Module, names: list[str]) -> dict[str, nn.Parameter]:
+    """Parameters of the modules named (by suffix) in ``names``, keyed ``modules_to_save.<path>``."""
+    found: dict[str, nn.Parameter] = {}
+    for suffix in names:
+        hits = [(n, m) for n, m in model.named_modules() if n == suffix or n.endswith("." + suffix)]
+        if not hits:
+            top = sorted({n.split(".")[0] for n, _ in model.named_modules() if n})
+            raise ValueError(f"modules_to_save entry {suffix!r} matches no module of {type(model).__name__}; "
+                             f"top-level modules: {', '.join(top)}")
+        for name, module in hits:
+            for pname, param in module.named_parameters():
+                found[f"{SAVED_PREFIX}{name}.{pname}"] = param
+    return found
 
 
 def pool_tensors(pools: Mapping[str, AdapterPool]) -> dict[str, nn.Parameter]:
@@ -107,15 +126,19 @@ def apply_adapter(model: nn.Module, config: AdapterConfig) -> nn.Module:
     context = RoutingContext()
     groups, pools = plan_pools(model, config, context)
 
+    saved = modules_to_save_params(model, list(getattr(config, "modules_to_save", [])))
     base_model = describe_base_model(model)
     for param in model.parameters():
         param.requires_grad_(False)
+    for param in saved.values():
+        param.requires_grad_(True)
     patch_mamba_mixers(model)
     for group in groups:
         for slot in group.modules:
             AdaptedLinear.wrap(model.get_submodule(slot.name), pools[group.key], slot)
 
     state = AdapterState(config, groups, pools, context, base_model)
+    state.saved = saved
     setattr(model, ADAPTER_ATTR, state)
     state.hook_handles = install_routing_hooks(model, context)
     return model

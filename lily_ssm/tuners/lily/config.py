@@ -32,6 +32,8 @@ class LilyConfig(AdapterConfig):
             published code and PEFT do; padding counts).
         router: one router per ``layer``, per A ``group``, or one ``global`` router per target type.
         overrides: per-target-type values of ``r``, ``num_A``, ``num_B``, ``scaling``.
+        modules_to_save: modules (name suffixes, e.g. ``["head"]``) trained in full and saved with the
+            adapter, such as a new classifier head.
     """
 
     method: ClassVar[str] = "lily"
@@ -46,6 +48,7 @@ class LilyConfig(AdapterConfig):
     routing: str = "sequence"
     router: str = "layer"
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+    modules_to_save: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
         if self.routing not in ROUTING_MODES:

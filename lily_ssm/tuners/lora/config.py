@@ -16,7 +16,8 @@ from ..targets import TargetGroup
 class LoraConfig(AdapterConfig):
     """LoRA (Hu et al., 2021) on the same targets and machinery as Lily: ``y = Wx + (alpha/r)·B A x``.
 
-    ``overrides`` may set ``r`` and ``alpha`` per target type.
+    ``overrides`` may set ``r`` and ``alpha`` per target type; ``modules_to_save`` lists modules trained
+    in full and saved with the adapter (e.g. a classifier head).
     """
 
     method: ClassVar[str] = "lora"
@@ -27,6 +28,7 @@ class LoraConfig(AdapterConfig):
     alpha: float
     dropout: float = 0.0
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+    modules_to_save: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
         check_positive_ints({"r": self.r})
