@@ -13,6 +13,21 @@ def _quickstart(args: argparse.Namespace) -> int:
     return 0
 
 
+def _vtab(args: argparse.Namespace) -> int:
+    from .data.vtab import TASKS
+    from .train.vtab import load_vtab_config, run_vtab_task, summarize
+
+    experiment = load_vtab_config(args.config, args.set)
+    tasks = list(TASKS) if args.task == "all" else [t.strip() for t in args.task.split(",") if t.strip()]
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise ValueError(f"unknown VTAB task(s) {', '.join(unknown)}; tasks: {', '.join(TASKS)} (or all)")
+    results = {task: run_vtab_task(experiment, task) for task in tasks}
+    print()
+    print(summarize(results, experiment.training.output_dir))
+    return 0
+
+
 def _train(args: argparse.Namespace) -> int:
     from .train.config import load_config
     from .train.trainer import run_training
@@ -66,6 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                        help="override a config value, e.g. --set training.learning_rate=1e-4 (repeatable)")
     train.set_defaults(func=_train)
+
+    vt = sub.add_parser("vtab", help="fine-tune Vision Mamba on VTAB-1K tasks and report test accuracy")
+    vt.add_argument("config", help="YAML file with model / adapter / data / training sections (configs/vim/)")
+    vt.add_argument("--task", required=True, help="a task name, a comma-separated list, or all")
+    vt.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="override a config value, e.g. --set training.epochs=10 (repeatable)")
+    vt.set_defaults(func=_vtab)
 
     ev = sub.add_parser("eval-commonsense", help="the eight-task commonsense evaluation (generation + answer match)")
     ev.add_argument("--model", required=True, help="hub id, local folder, or builtin:tiny-falcon-mamba")

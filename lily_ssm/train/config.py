@@ -124,15 +124,16 @@ def _type_ok(value: Any, annotation: str) -> bool:
     return False
 
 
-def apply_overrides(raw: dict[str, Any], overrides: list[str], source: str) -> dict[str, Any]:
+def apply_overrides(raw: dict[str, Any], overrides: list[str], source: str,
+                    sections: tuple[str, ...] = (*_SECTIONS, "adapter")) -> dict[str, Any]:
     """Apply ``section.key=value`` strings (values parsed as YAML scalars) to a raw config mapping."""
     for item in overrides:
         if "=" not in item or "." not in item.split("=", 1)[0]:
             raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. training.learning_rate=1e-4")
         dotted, text = item.split("=", 1)
         section, key = dotted.split(".", 1)
-        if section not in (*_SECTIONS, "adapter"):
-            raise ConfigError(f"--set {item!r}: unknown section {section!r}; sections: model, adapter, data, training")
+        if section not in sections:
+            raise ConfigError(f"--set {item!r}: unknown section {section!r}; sections: {', '.join(sections)}")
         raw.setdefault(section, {})[key] = yaml.safe_load(text) if text else ""
     return raw
 
