@@ -138,27 +138,33 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str], source: str,
     return raw
 
 
-def parse_config(raw: Any, source: str = "<dict>") -> ExperimentConfig:
+def parse_sections(raw: Any, classes: dict[str, type], source: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Check a raw config has exactly the sections ``classes`` plus ``adapter``; returns the parsed
+    dataclass sections and the adapter mapping. Errors name the file and section."""
+    names = (*classes, "adapter")
     if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: expected a mapping with sections model, adapter, data, training")
-    unknown = sorted(set(raw) - {*_SECTIONS, "adapter"})
+        raise ConfigError(f"{source}: expected a mapping with sections {', '.join(names)}")
+    unknown = sorted(set(raw) - set(names))
     if unknown:
-        raise ConfigError(
-            f"{source}: unknown section(s) {', '.join(unknown)}; sections: model, adapter, data, training"
-        )
-    for name in (*_SECTIONS, "adapter"):
+        raise ConfigError(f"{source}: unknown section(s) {', '.join(unknown)}; sections: {', '.join(names)}")
+    for name in names:
         if name not in raw:
             raise ConfigError(f"{source}: missing section {name!r}")
-    sections = {name: _section(cls, raw[name], source, name) for name, cls in _SECTIONS.items()}
     if not isinstance(raw["adapter"], dict):
         raise ConfigError(f"{source}: section 'adapter' must be a mapping")
-    config = ExperimentConfig(adapter=dict(raw["adapter"]), source=source, **sections)
+    return {name: _section(cls, raw[name], source, name) for name, cls in classes.items()}, dict(raw["adapter"])
+
+
+def parse_config(raw: Any, source: str = "<dict>") -> ExperimentConfig:
+    sections, adapter = parse_sections(raw, _SECTIONS, source)
+    config = ExperimentConfig(adapter=adapter, source=source, **sections)
     config.adapter_config()  # validate now, not after the model has loaded
     return config
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
-    """Read a YAML experiment config and apply ``--set`` overrides; errors name the file and key."""
+def read_yaml(path: str | Path, overrides: list[str] | None = None,
+              sections: tuple[str, ...] = (*_SECTIONS, "adapter")) -> dict[str, Any]:
+    """A YAML config file as a mapping, with ``--set`` overrides applied; errors name the file."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
@@ -166,4 +172,9 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Experim
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-    return parse_config(apply_overrides(raw, overrides or [], str(path)), str(path))
+    return apply_overrides(raw, overrides or [], str(path), sections)
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Read a YAML experiment config and apply ``--set`` overrides; errors name the file and key."""
+    return parse_config(read_yaml(path, overrides), str(path))

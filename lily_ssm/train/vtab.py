@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -27,7 +26,7 @@ from ..persistence import load_adapter, save_adapter
 from ..report import parameter_report
 from ..tuners import apply_adapter, config_from_dict
 from ..utils.atomic import write_atomic
-from .config import ConfigError, _section
+from .config import ConfigError, parse_sections, read_yaml
 
 STATE_NAME = "train_state.json"
 OPTIMIZER_NAME = "optimizer.pt"
@@ -70,25 +69,12 @@ class VtabExperiment:
 
 def load_vtab_config(path: str | Path, overrides: list[str] | None = None) -> VtabExperiment:
     """Read a VTAB YAML config (sections model, adapter, data, training) with ``--set`` overrides."""
-    from .config import apply_overrides
-
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
     source = str(path)
-    sections = {"model": VimModelSection, "data": VtabDataSection, "training": VtabTrainingSection}
-    raw = apply_overrides(raw, overrides or [], source, sections=(*sections, "adapter"))
-    missing = [name for name in (*sections, "adapter") if name not in raw]
-    if missing:
-        raise ConfigError(f"{source}: missing section(s) {', '.join(missing)}")
-    parsed = {name: _section(cls, raw[name], source, name) for name, cls in sections.items()}
+    classes = {"model": VimModelSection, "data": VtabDataSection, "training": VtabTrainingSection}
+    parsed, adapter = parse_sections(read_yaml(path, overrides, (*classes, "adapter")), classes, source)
     if parsed["model"].preset not in VIM_PRESETS:
         raise ConfigError(f"{source}: model.preset={parsed['model'].preset!r}; presets: {', '.join(VIM_PRESETS)}")
-    experiment = VtabExperiment(adapter=dict(raw["adapter"]), source=source, **parsed)
+    experiment = VtabExperiment(adapter=adapter, source=source, **parsed)
     _adapter_config(experiment)
     return experiment
 
