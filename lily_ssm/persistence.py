@@ -52,6 +52,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
         "config": state.config.to_dict(),
         "base_model": state.base_model,
         "modules": state.modules_shapes(),
+        "groups": state.layout(),
         "tensors": {key: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
                     for key, t in tensors.items()},
         "weights_sha256": hashlib.sha256(payload).hexdigest(),
@@ -161,6 +162,6 @@ def _planned_layout(model: nn.Module, config: AdapterConfig) -> tuple[dict[str, 
     if existing is not None:
         return existing.modules_shapes(), {key: list(p.shape) for key, p in existing.tensors().items()}
     groups, pools = plan_pools(model, config, RoutingContext(), device=torch.device("meta"))
-    modules = {m.name: [m.in_features, m.out_features] for g in groups for m in g.modules}
+    modules = {m.key: [m.in_features, m.out_features] for g in groups for m in g.modules}
     tensors = {**pool_tensors(pools), **modules_to_save_params(model, list(getattr(config, "modules_to_save", [])))}
     return modules, {key: list(p.shape) for key, p in tensors.items()}

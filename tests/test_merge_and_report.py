@@ -56,7 +56,7 @@ def test_lora_merge_matches_unmerged(kind):
     for name, module in merged.named_modules():
         if name.rsplit(".", 1)[-1] in TARGETS:
             assert type(module) is nn.Linear, name
-            assert not hasattr(module, "_lily_pool")
+            assert not hasattr(module, "_lily_adapters")
     assert not any(k.startswith("lily_ssm_adapter") for k in merged.state_dict())
     assert "generate" not in merged.__dict__  # the routing wrapper was removed too
 
@@ -78,7 +78,7 @@ def test_lora_merge_changes_exactly_the_target_weights():
     expected = {}
     for key, group in model.lily_ssm_adapter.groups.items():
         for slot in group.modules:
-            i = pools[key].index[slot.name]
+            i = pools[key].index[slot.key]
             delta = (pools[key].A[i] @ pools[key].B[i]).T * 2.0  # alpha / r
             expected[slot.name + ".weight"] = before[slot.name + ".weight"] + delta
     lily_ssm.merge_adapter(model)

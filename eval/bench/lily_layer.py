@@ -43,7 +43,7 @@ def worker(spec: dict) -> None:
         for p in model.lily_ssm_adapter.parameters():
             p.normal_(std=0.02)
     layer = model.layers[0].in_proj
-    pool, slot = layer._lily_pool, layer._lily_slot
+    (pool, slot), = layer._lily_adapters
     x = torch.randn(spec["batch"], spec["tokens"] // spec["batch"], IN, requires_grad=True)
     fn = layer if spec["part"] == "layer" else (lambda inp: pool.delta(inp, slot))
 

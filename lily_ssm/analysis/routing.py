@@ -53,7 +53,7 @@ def router_matrix(model: nn.Module, recorder: RouterRecorder) -> dict[str, torch
     means = recorder.means()
     matrices = {}
     for key, group in state.groups.items():
-        rows = [means[m.name] for m in group.modules if m.name in means]
+        rows = [means[m.key] for m in group.modules if m.key in means]
         if rows:
             matrices[key] = torch.stack(rows)
     return matrices

@@ -110,33 +110,42 @@ class AdapterConfig(ABC):
 
 
 class AdaptedLinear(nn.Linear):
-    """An ``nn.Linear`` with an adapter added to its output.
+    """An ``nn.Linear`` with adapters added to its output (to all of it, or to a part such as in_proj's
+    x half; a module may carry one adapter per part).
 
     Made by changing the class of an existing ``nn.Linear`` in place, so the frozen weight keeps its
-    name and state-dict key; the pool lives on the model root and is only referenced here.
+    name and state-dict key; the pools live on the model root and are only referenced here.
     """
 
-    _lily_pool: AdapterPool
-    _lily_slot: TargetModule
+    _lily_adapters: tuple[tuple[AdapterPool, TargetModule], ...]
 
     @classmethod
     def wrap(cls, linear: nn.Linear, pool: AdapterPool, slot: TargetModule) -> AdaptedLinear:
+        previous = linear._lily_adapters if isinstance(linear, AdaptedLinear) else ()
         linear.__class__ = cls
-        object.__setattr__(linear, "_lily_pool", pool)  # not a submodule: stored once, on the root
-        object.__setattr__(linear, "_lily_slot", slot)
+        # not submodules: the pools are stored once, on the root
+        object.__setattr__(linear, "_lily_adapters", (*previous, (pool, slot)))
         return linear  # type: ignore[return-value]
 
     def unwrap(self) -> nn.Linear:
-        del self._lily_pool, self._lily_slot
+        del self._lily_adapters
         self.__class__ = nn.Linear
         return self
 
     def forward(self, x: torch.Tensor, add_bias: bool = True) -> torch.Tensor:
         out = F.linear(x, self.weight, self.bias if add_bias else None)
-        return out + self._lily_pool.delta(x, self._lily_slot).to(out.dtype)
+        for pool, slot in self._lily_adapters:
+            delta = pool.delta(x, slot).to(out.dtype)
+            if slot.out_slice is None:
+                out = out + delta
+            else:  # in place: F.linear's backward does not need its output
+                start, stop = slot.out_slice
+                out[..., start:stop] += delta
+        return out
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, adapter={self._lily_pool.group.key}[{self._lily_slot.position}]"
+        adapters = ", ".join(f"{pool.group.key}[{slot.position}]" for pool, slot in self._lily_adapters)
+        return f"{super().extra_repr()}, adapter={adapters}"
 
 
 def linear_without_bias(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:

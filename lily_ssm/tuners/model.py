@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -23,6 +23,37 @@ _DIMENSION_KEYS = (
 )
 
 
+class PoolDict(nn.ModuleDict):
+    """The pools by target type. Keys such as ``in_proj.x`` hold a dot, which module names cannot, so
+    they are escaped in the module tree (and so in the model's state dict) and nowhere else."""
+
+    @staticmethod
+    def _escape(key: str) -> str:
+        return key.replace("%", "%25").replace(".", "%2E")
+
+    @staticmethod
+    def _unescape(name: str) -> str:
+        return name.replace("%2E", ".").replace("%25", "%")
+
+    def __init__(self, pools: Mapping[str, AdapterPool]) -> None:
+        super().__init__({self._escape(k): v for k, v in pools.items()})
+
+    def __getitem__(self, key: str) -> AdapterPool:
+        return super().__getitem__(self._escape(key))  # type: ignore[return-value]
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and super().__contains__(self._escape(key))
+
+    def __iter__(self) -> Iterator[str]:
+        return (self._unescape(name) for name in super().__iter__())
+
+    def keys(self) -> list[str]:  # type: ignore[override]
+        return list(self)
+
+    def items(self) -> list[tuple[str, AdapterPool]]:  # type: ignore[override]
+        return [(self._unescape(name), pool) for name, pool in super().items()]
+
+
 class AdapterState(nn.Module):
     """Registered on the adapted model as ``lily_ssm_adapter``: the pools, config and routing context."""
 
@@ -31,14 +62,20 @@ class AdapterState(nn.Module):
         super().__init__()
         self.config = config
         self.groups = {g.key: g for g in groups}
-        self.pools = nn.ModuleDict(pools)
+        self.pools = PoolDict(pools)
         self.context = context
         self.base_model = base_model
         self.saved: dict[str, nn.Parameter] = {}  # modules_to_save parameters (owned by the model, not here)
         self.hook_handles: list[Any] = []
 
     def modules_shapes(self) -> dict[str, list[int]]:
-        return {m.name: [m.in_features, m.out_features] for g in self.groups.values() for m in g.modules}
+        return {m.key: [m.in_features, m.out_features] for g in self.groups.values() for m in g.modules}
+
+    def layout(self) -> dict[str, dict[str, Any]]:
+        """Per target type, its layer count and its slots in layer order with their positions (saved
+        with the adapter so it can be analysed without the base model)."""
+        return {key: {"num_layers": g.num_layers, "modules": [[m.key, m.position] for m in g.modules]}
+                for key, g in self.groups.items()}
 
     def tensors(self) -> dict[str, nn.Parameter]:
         """Every adapter tensor once, keyed ``<target type>.<kind>``, plus ``modules_to_save.<path>``."""
@@ -145,9 +182,8 @@ def apply_adapter(model: nn.Module, config: AdapterConfig) -> nn.Module:
 
 
 def _remove_adapter(model: nn.Module, state: AdapterState) -> None:
-    for group in state.groups.values():
-        for slot in group.modules:
-            model.get_submodule(slot.name).unwrap()
+    for name in {slot.name for group in state.groups.values() for slot in group.modules}:
+        model.get_submodule(name).unwrap()
     remove_routing_hooks(model, state.hook_handles)
     delattr(model, ADAPTER_ATTR)
 
@@ -169,7 +205,9 @@ def merge_adapter(model: nn.Module) -> nn.Module:
         for key, group in state.groups.items():
             pool = state.pools[key]
             for slot in group.modules:
-                linear = model.get_submodule(slot.name)
-                linear.weight += pool.delta_weight(slot).to(linear.weight.dtype)
+                weight = model.get_submodule(slot.name).weight
+                if slot.out_slice is not None:
+                    weight = weight[slot.out_slice[0]:slot.out_slice[1]]
+                weight += pool.delta_weight(slot).to(weight.dtype)
     _remove_adapter(model, state)
     return model

@@ -3,6 +3,10 @@
 A *target type* is the set of modules one shared pool of adapter weights serves (e.g. every
 ``in_proj`` in the model). Within a type, modules are ordered by the layer index read from their
 path, which decides which locally shared A expert each layer uses.
+
+A target may also name a *part* of a Mamba projection's output: ``in_proj.x`` / ``in_proj.z`` (the
+SSM input and the gate halves) and ``x_proj.dt`` / ``x_proj.B`` / ``x_proj.C`` (the Δ, B and C
+slices). The adapter then adds to those output features only.
 """
 
 from __future__ import annotations
@@ -17,13 +21,20 @@ _PLAIN_NAME = re.compile(r"^[A-Za-z_][\w.]*$")
 
 @dataclass(frozen=True)
 class TargetModule:
-    """One adapted linear layer: its path, layer index and position within its target type."""
+    """One adapted linear layer (or part of its output): path, layer index, position within its type."""
 
     name: str
     layer_index: int | None
     position: int  # ℓ in DESIGN.md §2: rank of the layer among the type's adapted layers
     in_features: int
-    out_features: int
+    out_features: int  # of the adapted part
+    part: str | None = None  # e.g. "x" for in_proj.x; None for the whole output
+    out_slice: tuple[int, int] | None = None  # [start, stop) of the module's output the part covers
+
+    @property
+    def key(self) -> str:
+        """Unique name of this adapted slot: the module path, plus ``.<part>`` for a part target."""
+        return self.name if self.part is None else f"{self.name}.{self.part}"
 
 
 @dataclass(frozen=True)
@@ -63,6 +74,38 @@ def _suffix_match(name: str, suffix: str) -> bool:
     return name == suffix or name.endswith("." + suffix)
 
 
+# Output parts of Mamba-1 projections that can be adapted on their own, in output order.
+PARTS = {"in_proj": ("x", "z"), "x_proj": ("dt", "B", "C")}
+_PARTS_HELP = "in_proj.x / in_proj.z (SSM input / gate halves) and x_proj.dt / x_proj.B / x_proj.C"
+
+
+def output_parts(model: nn.Module, name: str, module: nn.Linear) -> dict[str, tuple[int, int]] | None:
+    """The named output slices of a Mamba projection (None if ``name`` is not one).
+
+    ``in_proj`` is split in halves (x, z), as every Mamba-1 mixer does. ``x_proj`` (and Vim's
+    ``x_proj_b``) is split as ``[dt_rank, d_state, d_state]``; dt_rank is read from the sibling
+    ``dt_proj`` (``dt_proj_b``), whose input is the Δ slice.
+    """
+    leaf = name.rsplit(".", 1)[-1]
+    out = module.out_features
+    if leaf == "in_proj":
+        if out % 2:
+            raise ValueError(f"{name} has {out} outputs; a Mamba in_proj has an even number (x and z halves)")
+        return {"x": (0, out // 2), "z": (out // 2, out)}
+    if leaf.startswith("x_proj"):
+        sibling = name[: len(name) - len(leaf)] + "dt_proj" + leaf[len("x_proj"):]
+        try:
+            dt_proj = model.get_submodule(sibling)
+        except AttributeError:
+            return None
+        rank = dt_proj.in_features
+        if rank >= out or (out - rank) % 2:
+            raise ValueError(f"{name} has {out} outputs and {sibling} takes {rank}; expected dt_rank + 2·d_state")
+        state = (out - rank) // 2
+        return {"dt": (0, rank), "B": (rank, rank + state), "C": (rank + state, out)}
+    return None
+
+
 def linear_layer_names(model: nn.Module) -> list[str]:
     """Distinct leaf names of the ``nn.Linear`` layers in ``model`` (for error messages)."""
     names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear) and n}
@@ -73,58 +116,98 @@ def find_targets(model: nn.Module, targets: str | list[str] | tuple[str, ...]) -
     """Match ``targets`` against ``model`` and group the matches into target types.
 
     ``targets`` is a list of module-name suffixes (matched at a ``.`` boundary), or a single string:
-    a plain name is a suffix, anything else a regex that must match the full module path. A target
-    that matches nothing, or matches a module that is not ``nn.Linear``, raises ``ValueError``.
+    a plain name is a suffix, anything else a regex that must match the full module path. A suffix
+    target may name a part of a Mamba projection (``in_proj.x``, ``x_proj.dt``; see :data:`PARTS`). A
+    target that matches nothing, or matches a module that is not ``nn.Linear``, raises ``ValueError``.
     """
     spec = _normalise_targets(targets)
     named = [(n, m) for n, m in model.named_modules() if n]
-    matches: dict[str, tuple[str, nn.Module]] = {}  # module name -> (type key, module)
+    matches: dict[tuple[str, str | None], tuple[str, nn.Module]] = {}  # (module, part) -> (type key, module)
 
     if isinstance(spec, re.Pattern):  # a regex keeps the linear layers it matches
         for name, module in named:
             if spec.fullmatch(name) and type(module) is nn.Linear:
-                matches[name] = (name.rsplit(".", 1)[-1], module)
+                matches[(name, None)] = (name.rsplit(".", 1)[-1], module)
         if not matches:
             raise ValueError(
                 f"targets regex {spec.pattern!r} matches no nn.Linear of {type(model).__name__}. "
                 f"Linear layers that exist: {', '.join(linear_layer_names(model))}"
             )
     else:
-        for suffix in spec:
-            hits = [(n, m) for n, m in named if _suffix_match(n, suffix)]
-            if not hits:
-                raise ValueError(
-                    f"target {suffix!r} matches no module of {type(model).__name__}. "
-                    f"Linear layers that exist: {', '.join(linear_layer_names(model))}"
-                )
-            for name, module in hits:
-                if name in matches and matches[name][0] != suffix:
-                    raise ValueError(f"module {name!r} is matched by two targets: {matches[name][0]!r} and {suffix!r}")
-                matches[name] = (suffix, module)
+        for target in spec:
+            for name, part, module in _match_suffix(model, named, target):
+                if (name, part) in matches and matches[(name, part)][0] != target:
+                    raise ValueError(f"module {name!r} is matched by two targets: "
+                                     f"{matches[(name, part)][0]!r} and {target!r}")
+                matches[(name, part)] = (target, module)
+        for name, part in matches:
+            if part is not None and (name, None) in matches:
+                raise ValueError(f"module {name!r} is targeted whole by {matches[(name, None)][0]!r} and in part "
+                                 f"by {matches[(name, part)][0]!r}; target either the module or its parts")
 
-    for name, (_, module) in matches.items():
+    for (name, _), (_, module) in matches.items():
         if type(module) is not nn.Linear:
             raise ValueError(
                 f"target module {name!r} is a {type(module).__name__}, but adapters can only be injected into "
                 f"nn.Linear layers. Linear layers that exist: {', '.join(linear_layer_names(model))}"
             )
 
-    # Split each type by weight shape (e.g. ViT's `dense` is 768->768, 768->3072 and 3072->768).
-    by_key: dict[str, list[tuple[str, nn.Linear]]] = {}
-    for name, (key, module) in matches.items():
-        by_key.setdefault(key, []).append((name, module))
+    slots: list[_Slot] = []
+    for (name, part), (key, module) in matches.items():
+        out_slice = output_parts(model, name, module)[part] if part is not None else None
+        out = module.out_features if out_slice is None else out_slice[1] - out_slice[0]
+        slots.append(_Slot(key, name, part, out_slice, module.in_features, out))
+
+    # Split each type by shape (e.g. ViT's `dense` is 768->768, 768->3072 and 3072->768).
+    by_key: dict[str, list[_Slot]] = {}
+    for slot in slots:
+        by_key.setdefault(slot.key, []).append(slot)
     groups: list[TargetGroup] = []
     for key, members in by_key.items():
-        shapes = sorted({(m.in_features, m.out_features) for _, m in members})
+        shapes = sorted({(m.in_features, m.out_features) for m in members})
         for shape in shapes:
-            subset = [(n, m) for n, m in members if (m.in_features, m.out_features) == shape]
+            subset = [m for m in members if (m.in_features, m.out_features) == shape]
             group_key = key if len(shapes) == 1 else f"{key}[{shape[0]}x{shape[1]}]"
             groups.append(_make_group(group_key, subset))
     return groups
 
 
-def _make_group(key: str, members: list[tuple[str, nn.Linear]]) -> TargetGroup:
-    indices = [layer_index_from_path(n) for n, _ in members]
+@dataclass(frozen=True)
+class _Slot:
+    key: str  # the target that matched
+    name: str
+    part: str | None
+    out_slice: tuple[int, int] | None
+    in_features: int
+    out_features: int
+
+
+def _match_suffix(model: nn.Module, named: list[tuple[str, nn.Module]],
+                  target: str) -> list[tuple[str, str | None, nn.Module]]:
+    """Modules (and parts) a suffix target names: ``in_proj`` or, for a part, ``in_proj.x``."""
+    hits = [(n, None, m) for n, m in named if _suffix_match(n, target)]
+    if hits:
+        return hits
+    base, _, part = target.rpartition(".")
+    base_hits = [(n, m) for n, m in named if base and _suffix_match(n, base)]
+    if not base_hits:
+        raise ValueError(
+            f"target {target!r} matches no module of {type(model).__name__}. "
+            f"Linear layers that exist: {', '.join(linear_layer_names(model))}; parts that can be targeted: "
+            f"{_PARTS_HELP}"
+        )
+    found = []
+    for name, module in base_hits:
+        parts = output_parts(model, name, module) if isinstance(module, nn.Linear) else None
+        if parts is None or part not in parts:
+            valid = f"its parts are {', '.join(parts)}" if parts else f"only {_PARTS_HELP} have parts"
+            raise ValueError(f"target {target!r}: {name!r} has no output part {part!r}; {valid}")
+        found.append((name, part, module))
+    return found
+
+
+def _make_group(key: str, members: list[_Slot]) -> TargetGroup:
+    indices = [layer_index_from_path(m.name) for m in members]
     if all(i is not None for i in indices):
         distinct = sorted(set(indices))
         rank = {idx: pos for pos, idx in enumerate(distinct)}
@@ -134,11 +217,10 @@ def _make_group(key: str, members: list[tuple[str, nn.Linear]]) -> TargetGroup:
         positions = list(range(len(members)))
         num_layers = len(members)
     modules = tuple(
-        TargetModule(n, i, p, m.in_features, m.out_features)
-        for (n, m), i, p in sorted(zip(members, indices, positions), key=lambda t: (t[2], t[0][0]))
+        TargetModule(m.name, i, p, m.in_features, m.out_features, m.part, m.out_slice)
+        for m, i, p in sorted(zip(members, indices, positions), key=lambda t: (t[2], t[0].name))
     )
-    first = members[0][1]
-    return TargetGroup(key, modules, num_layers, first.in_features, first.out_features)
+    return TargetGroup(key, modules, num_layers, members[0].in_features, members[0].out_features)
 
 
 def a_group(position: int, num_layers: int, num_a: int) -> int:

@@ -57,10 +57,10 @@ class LilyPool(AdapterPool):
         else:
             probs = torch.softmax((h @ self.router[self.router_index(slot)].T).float(), dim=-1)  # (N, T, E)
             # a 2-D input (e.g. a pooled vector) has no token axis for the attention mask to describe
-            weights = mix_weights(probs, self.routing, self.context, slot.name, masked=x.dim() > 2)
+            weights = mix_weights(probs, self.routing, self.context, slot.key, masked=x.dim() > 2)
             if self.context.recorder is not None:
                 mask = self.context.token_mask(*probs.shape[:2]) if x.dim() > 2 else None
-                self.context.recorder.add(slot.name, weights, mask)
+                self.context.recorder.add(slot.key, weights, mask)
             weights = weights.to(h.dtype)
             out = mix_experts(h, weights, self.B)
         return (out * self.scaling).reshape(*lead, self.group.out_features)

@@ -16,7 +16,7 @@ class LoraPool(AdapterPool):
                  device: torch.device) -> None:
         super().__init__(group)
         self.r, self.scaling = r, scaling
-        self.index = {m.name: i for i, m in enumerate(group.modules)}
+        self.index = {m.key: i for i, m in enumerate(group.modules)}
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         count = len(group.modules)
         self.A = nn.Parameter(torch.empty(count, group.in_features, r, dtype=dtype, device=device))
@@ -27,9 +27,9 @@ class LoraPool(AdapterPool):
         return {"A": self.A, "B": self.B}
 
     def delta(self, x: torch.Tensor, slot: TargetModule) -> torch.Tensor:
-        i = self.index[slot.name]
+        i = self.index[slot.key]
         return (self.dropout(x.to(self.A.dtype)) @ self.A[i] @ self.B[i]) * self.scaling
 
     def delta_weight(self, slot: TargetModule) -> torch.Tensor:
-        i = self.index[slot.name]
+        i = self.index[slot.key]
         return (self.A[i] @ self.B[i]).T * self.scaling
