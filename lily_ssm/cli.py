@@ -38,6 +38,14 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ablate(args: argparse.Namespace) -> int:
+    from .ablation import load_ablation, run_ablation
+
+    overrides = list(args.set) + ([f"ablation.workers={args.workers}"] if args.workers else [])
+    summary = run_ablation(load_ablation(args.config, overrides), dry_run=args.dry_run)
+    return 1 if summary.get("failed") else 0
+
+
 def _eval_commonsense(args: argparse.Namespace) -> int:
     from .data.prompts import resolve_tasks
     from .evaluation.commonsense import evaluate_commonsense, markdown_table, task_test_file
@@ -88,6 +96,15 @@ def build_parser() -> argparse.ArgumentParser:
     vt.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="override a config value, e.g. --set training.epochs=10 (repeatable)")
     vt.set_defaults(func=_vtab)
+
+    ab = sub.add_parser("ablate", help="compare methods x target sets x routing modes at a matched parameter budget "
+                        "(train + test every arm; resumable)")
+    ab.add_argument("config", help="YAML file: an ablation section plus the experiment sections (configs/ablation/)")
+    ab.add_argument("--workers", type=int, default=None, help="arms run in parallel processes (ablation.workers)")
+    ab.add_argument("--dry-run", action="store_true", help="only print the arms and their sized adapters")
+    ab.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="override a config value, e.g. --set ablation.budget=60000 (repeatable)")
+    ab.set_defaults(func=_ablate)
 
     ev = sub.add_parser("eval-commonsense", help="the eight-task commonsense evaluation (generation + answer match)")
     ev.add_argument("--model", required=True, help="hub id, local folder, or builtin:tiny-falcon-mamba")

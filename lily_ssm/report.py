@@ -17,6 +17,7 @@ class ParameterReport:
     by_target: dict[str, dict[str, int]]  # target type -> kind -> count
     other_trainable: int  # trainable parameters outside the adapter (e.g. a classifier head)
     base_parameters: int  # parameters of the model outside the adapter
+    budget: int | None = None  # the parameter budget the adapter was sized for, if any
 
     @property
     def adapter_total(self) -> int:
@@ -47,11 +48,15 @@ class ParameterReport:
         if self.other_trainable:
             lines.append(f"other trainable: {self.other_trainable:,}")
         lines.append(f"trainable {self.trainable:,} of base {self.base_parameters:,} ({share:.4f}%)")
+        if self.budget is not None:
+            lines.append(f"budget {self.budget:,}: adapter {self.adapter_total:,} "
+                         f"({self.adapter_total / self.budget - 1:+.1%})")
         return "\n".join(lines)
 
 
-def parameter_report(model: nn.Module) -> ParameterReport:
-    """Count the trainable parameters of ``model``'s adapter by target type and kind."""
+def parameter_report(model: nn.Module, budget: int | None = None) -> ParameterReport:
+    """Count the trainable parameters of ``model``'s adapter by target type and kind; with ``budget``
+    (e.g. from :func:`lily_ssm.tuners.budget.match_budget`) the report also shows the deviation."""
     state = get_adapter_state(model)
     by_target = {key: {kind: p.numel() for kind, p in pool.parameter_kinds().items()}
                  for key, pool in state.pools.items()}
@@ -62,4 +67,5 @@ def parameter_report(model: nn.Module) -> ParameterReport:
         by_target=by_target,
         other_trainable=sum(p.numel() for p in others if p.requires_grad),
         base_parameters=sum(p.numel() for p in others),
+        budget=budget,
     )

@@ -59,3 +59,13 @@ def load_model_and_tokenizer(name_or_path: str, dtype: str | torch.dtype | None 
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return model, tok
+
+
+def build_meta_model(name_or_path: str, trust_remote_code: bool = False):
+    """The model's architecture on the meta device (no weights read or allocated): enough to plan
+    adapters and count parameters, even for a 7B model on a laptop."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(resolve_model_path(name_or_path), trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)

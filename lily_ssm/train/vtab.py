@@ -90,7 +90,11 @@ def _adapter_config(experiment: VtabExperiment):
 
 def build_model(experiment: VtabExperiment, task: str) -> VisionMamba:
     """The Vim backbone (from a checkpoint when given) with a fresh head for ``task`` and the adapter."""
-    m = experiment.model
+    return apply_adapter(build_backbone(experiment.model, task), _adapter_config(experiment))
+
+
+def build_backbone(m: VimModelSection, task: str) -> VisionMamba:
+    """The Vim model of section ``m`` (from its checkpoint when given) with a fresh head for ``task``."""
     if m.checkpoint:
         model = load_vim_checkpoint(m.checkpoint)
         model.head = nn.Linear(model.config.embed_dim, NUM_CLASSES[task])
@@ -98,7 +102,7 @@ def build_model(experiment: VtabExperiment, task: str) -> VisionMamba:
     else:
         preset = VIM_PRESETS[m.preset](img_size=m.img_size, num_classes=NUM_CLASSES[task], **m.overrides)
         model = VisionMamba(preset)
-    return apply_adapter(model, _adapter_config(experiment))
+    return model
 
 
 def _lr_lambda(warmup: int, total: int):
@@ -182,6 +186,7 @@ def run_vtab_task(experiment: VtabExperiment, task: str, log: Any = print) -> di
     result = {"task": task, "group": next(g for g, ts in GROUPS.items() if task in ts),
               "test_accuracy": state["history"][-1].get("test_accuracy"),
               "best_test_accuracy_seen": state["best_test_accuracy"], "epochs": state["epoch"],
+              "train_seconds": round(sum(h["seconds"] for h in state["history"]), 2),
               "adapter_parameters": report.adapter_total, "head_parameters": report.other_trainable,
               "config": {"model": asdict(experiment.model), "adapter": experiment.adapter}}
     write_atomic(out / "result.json", json.dumps(result, indent=1) + "\n")

@@ -1,0 +1,184 @@
+"""The ablation config: which methods, target sets and routing modes to compare, at what budget.
+
+One YAML file with an ``ablation`` section plus the sections of the experiment each arm runs:
+``model`` / ``data`` / ``training`` / ``evaluation`` for the language path (``lily-ssm train`` +
+the commonsense evaluator), ``model`` / ``data`` / ``training`` for the Vim path (``lily-ssm vtab``).
+Each arm's adapter is not written by hand: the budget matcher sizes it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..train.config import (
+    ConfigError,
+    DataSection,
+    ModelSection,
+    TrainingSection,
+    parse_sections,
+    read_yaml,
+)
+from ..tuners.lily.config import ROUTING_MODES
+
+PATHS = ("language", "vim")
+METHODS = ("lily", "lora")
+
+# Named target sets. "Δ" is dt_proj; Vim's bidirectional mixer has a second x_proj / dt_proj per layer
+# (x_proj_b / dt_proj_b) and its sets cover both directions.
+TARGET_SETS: dict[str, dict[str, list[str]]] = {
+    "language": {
+        "in": ["in_proj"], "dt": ["dt_proj"], "dt+in": ["in_proj", "dt_proj"], "x_proj": ["x_proj"],
+        "out_proj": ["out_proj"], "in.x": ["in_proj.x"], "in.z": ["in_proj.z"], "x_proj.dt": ["x_proj.dt"],
+        "x_proj.B": ["x_proj.B"], "x_proj.C": ["x_proj.C"], "all": ["in_proj", "x_proj", "dt_proj", "out_proj"],
+    },
+    "vim": {
+        "in": ["in_proj"], "dt": ["dt_proj", "dt_proj_b"], "dt+in": ["in_proj", "dt_proj", "dt_proj_b"],
+        "x_proj": ["x_proj", "x_proj_b"], "out_proj": ["out_proj"], "in.x": ["in_proj.x"], "in.z": ["in_proj.z"],
+        "x_proj.dt": ["x_proj.dt", "x_proj_b.dt"], "x_proj.B": ["x_proj.B", "x_proj_b.B"],
+        "x_proj.C": ["x_proj.C", "x_proj_b.C"],
+        "all": ["in_proj", "x_proj", "x_proj_b", "dt_proj", "dt_proj_b", "out_proj"],
+    },
+}
+DEFAULT_SETS = ["in", "dt", "dt+in", "x_proj", "out_proj", "in.x", "in.z", "all"]
+DEFAULT_ROUTING = {"language": "causal", "vim": "token"}
+
+
+@dataclass
+class AblationSection:
+    output_dir: str
+    budget: int  # adapter parameters per arm (a classifier head is counted apart)
+    path: str = "language"
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    target_sets: Any = field(default_factory=lambda: list(DEFAULT_SETS))  # preset names, or {name: [targets]}
+    routing: list[str] | None = None  # Lily routing modes, one Lily arm each; default causal / token (Vim)
+    tolerance: float = 0.05
+    lily: dict[str, Any] = field(default_factory=lambda: {"num_A": 4, "num_B": 4})
+    lora: dict[str, Any] = field(default_factory=lambda: {"alpha_per_rank": 2.0})
+    workers: int = 1
+    tasks: list[str] | None = None  # Vim path: the VTAB tasks each arm trains and tests on
+
+
+@dataclass
+class EvaluationSection:
+    data_root: str
+    tasks: Any = None  # comma-separated names, a list, or None for all eight
+    batch_size: int = 16
+    num_beams: int = 1
+    max_new_tokens: int = 32
+    limit: int | None = None
+
+
+@dataclass
+class AblationConfig:
+    """The parsed file: the ablation section and, per path, the raw experiment sections arms share."""
+
+    ablation: AblationSection
+    sections: dict[str, Any]  # model / data / training (/ evaluation) mappings, validated
+    source: str = "<dict>"
+
+    def target_sets(self) -> dict[str, list[str]]:
+        sets = self.ablation.target_sets
+        presets = TARGET_SETS[self.ablation.path]
+        if isinstance(sets, dict):
+            return {str(name): _target_list(name, targets, self.source) for name, targets in sets.items()}
+        unknown = [name for name in sets if name not in presets]
+        if unknown:
+            raise ConfigError(f"{self.source}: ablation.target_sets has unknown preset(s) "
+                              f"{', '.join(map(str, unknown))}; presets for the {self.ablation.path} path: "
+                              f"{', '.join(presets)} (or give a mapping name: [targets])")
+        return {name: list(presets[name]) for name in sets}
+
+    def routing_modes(self) -> list[str]:
+        return list(self.ablation.routing or [DEFAULT_ROUTING[self.ablation.path]])
+
+
+def _target_list(name: Any, targets: Any, source: str) -> list[str]:
+    if isinstance(targets, str):
+        targets = [targets]
+    if not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets):
+        raise ConfigError(f"{source}: ablation.target_sets.{name} must be a list of target names, got {targets!r}")
+    return targets
+
+
+def _vim_classes() -> dict[str, type]:
+    from ..train.vtab import VimModelSection, VtabDataSection, VtabTrainingSection
+
+    return {"model": VimModelSection, "data": VtabDataSection, "training": VtabTrainingSection}
+
+
+def section_classes(path: str) -> dict[str, type]:
+    if path == "language":
+        return {"model": ModelSection, "data": DataSection, "training": TrainingSection,
+                "evaluation": EvaluationSection}
+    return _vim_classes()
+
+
+def parse_ablation(raw: Any, source: str = "<dict>") -> AblationConfig:
+    """Validate a raw ablation mapping; errors name the file, section and key."""
+    if not isinstance(raw, dict) or not isinstance(raw.get("ablation"), dict):
+        raise ConfigError(f"{source}: expected an 'ablation' section (output_dir, budget, methods, target_sets, ...)")
+    raw = dict(raw)
+    ablation_raw = raw.pop("ablation")
+    if "adapter" in raw:
+        raise ConfigError(f"{source}: an ablation has no 'adapter' section: each arm's adapter is sized by the budget "
+                          "matcher; put Lily / LoRA settings in ablation.lily / ablation.lora")
+    parsed, _ = parse_sections({"ablation": ablation_raw, "adapter": {}}, {"ablation": AblationSection}, source)
+    ablation: AblationSection = parsed["ablation"]
+    _check_ablation(ablation, source)
+
+    classes = section_classes(ablation.path)
+    training = dict(raw.get("training") or {})
+    if "output_dir" in training:
+        raise ConfigError(f"{source}: training.output_dir is set per arm under ablation.output_dir; remove it")
+    raw["training"] = {**training, "output_dir": "<per arm>"}
+    sections, _ = parse_sections({**raw, "adapter": {}}, classes, source)
+    values = {name: asdict(section) for name, section in sections.items()}
+    del values["training"]["output_dir"]
+    if ablation.path == "vim":
+        from ..models.vim import VIM_PRESETS
+
+        if sections["model"].preset not in VIM_PRESETS:
+            raise ConfigError(f"{source}: model.preset={sections['model'].preset!r}; presets: {', '.join(VIM_PRESETS)}")
+    config = AblationConfig(ablation, values, source)
+    config.target_sets()
+    return config
+
+
+def _check_ablation(a: AblationSection, source: str) -> None:
+    def bad(key: str, value: Any, valid: str) -> ConfigError:
+        return ConfigError(f"{source}: ablation.{key}={value!r}; {valid}")
+
+    if a.path not in PATHS:
+        raise bad("path", a.path, f"paths: {', '.join(PATHS)}")
+    if not isinstance(a.budget, int) or isinstance(a.budget, bool) or a.budget < 1:
+        raise bad("budget", a.budget, "must be a positive number of adapter parameters")
+    if not isinstance(a.methods, list) or not a.methods or any(m not in METHODS for m in a.methods):
+        raise bad("methods", a.methods, f"a non-empty list of {', '.join(METHODS)}")
+    if a.routing is not None and (not isinstance(a.routing, list) or not a.routing
+                                  or any(r not in ROUTING_MODES for r in a.routing)):
+        raise bad("routing", a.routing, f"a non-empty list of {', '.join(ROUTING_MODES)}")
+    if not 0 < a.tolerance < 1:
+        raise bad("tolerance", a.tolerance, "a fraction between 0 and 1, e.g. 0.05")
+    if not isinstance(a.workers, int) or a.workers < 1:
+        raise bad("workers", a.workers, "a positive number of parallel processes")
+    for key in ("lily", "lora"):
+        if not isinstance(getattr(a, key), dict):
+            raise bad(key, getattr(a, key), "a mapping of adapter settings")
+        fixed = sorted({"r", "targets", "method", "overrides"} & set(getattr(a, key)))
+        if fixed:
+            raise bad(key, getattr(a, key), f"{', '.join(fixed)} are set per arm, not here")
+    if a.path == "vim":
+        from ..data.vtab import TASKS
+
+        if not a.tasks or not isinstance(a.tasks, list) or any(t not in TASKS for t in a.tasks):
+            raise bad("tasks", a.tasks, f"the Vim path needs a list of VTAB tasks from: {', '.join(TASKS)}")
+    elif a.tasks is not None:
+        raise bad("tasks", a.tasks, "only the Vim path takes tasks (the language path uses evaluation.tasks)")
+
+
+def load_ablation(path: str | Path, overrides: list[str] | None = None) -> AblationConfig:
+    """Read an ablation YAML file with ``--set section.key=value`` overrides."""
+    sections = ("ablation", "model", "data", "training", "evaluation")
+    return parse_ablation(read_yaml(path, overrides, sections), str(path))

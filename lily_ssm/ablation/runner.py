@@ -1,0 +1,273 @@
+"""Running an ablation: each arm trains and is tested in its own process, one after another or
+``workers`` at a time; finished arms are skipped on a rerun; the table is rewritten after every arm.
+
+Layout of ``ablation.output_dir``::
+
+    plan.json                the arms with their sized adapters
+    <arm>/arm.json           what the arm runs (a rerun with other settings is refused)
+    <arm>/result.json        written when the arm has finished: the arm is then skipped
+    <arm>/log.txt            the arm's progress
+    <arm>/adapter/ or <arm>/<task>/   the trained adapter(s); <arm>/eval/ the predictions
+    results.csv, results.json, summary.md
+
+Each arm runs in a fresh process so its peak memory (peak RSS of that process; peak CUDA memory
+when on a GPU) is its own.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as futures
+import csv
+import io
+import json
+import multiprocessing
+import os
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from ..train.config import ConfigError
+from ..utils.atomic import write_atomic
+from .arms import Arm, describe_arm, plan_arms
+from .config import AblationConfig
+
+RESULT_NAME = "result.json"
+ARM_NAME = "arm.json"
+
+
+def arm_spec(config: AblationConfig, arm: Arm) -> dict[str, Any]:
+    """Everything an arm's result depends on; a finished arm is reused only if this is unchanged."""
+    return {"path": config.ablation.path, "arm": arm.to_dict(), "sections": config.sections,
+            "tasks": config.ablation.tasks}
+
+
+def run_ablation(config: AblationConfig, log: Any = print, dry_run: bool = False) -> dict[str, Any]:
+    """Plan the arms, run those not finished yet, and write the tables; returns the table rows."""
+    a = config.ablation
+    arms = plan_arms(config)
+    out = Path(a.output_dir)
+    log(f"{len(arms)} arms at a budget of {a.budget:,} adapter parameters (±{a.tolerance:.0%}):")
+    for arm in arms:
+        log("  " + describe_arm(arm))
+    if dry_run:
+        return {"arms": [arm.to_dict() for arm in arms], "rows": []}
+    write_atomic(out / "plan.json", json.dumps([arm.to_dict() for arm in arms], indent=1) + "\n")
+
+    results: dict[str, dict[str, Any]] = {}
+    todo: list[Arm] = []
+    for arm in arms:
+        spec, folder = arm_spec(config, arm), out / arm.name
+        for name in (RESULT_NAME, ARM_NAME):
+            if (folder / name).is_file() and _read_json(folder / name).get("spec") != spec:
+                raise ConfigError(f"{folder / name} was written for other settings than {config.source} now gives; "
+                                  f"use another ablation.output_dir, or delete {folder} to run the arm again")
+        if (folder / RESULT_NAME).is_file():
+            results[arm.name] = _read_json(folder / RESULT_NAME)
+            log(f"{arm.name}: finished earlier, skipped ({folder / RESULT_NAME})")
+        else:
+            write_atomic(folder / ARM_NAME, json.dumps({"spec": spec}, indent=1) + "\n")
+            todo.append(arm)
+
+    start = time.perf_counter()
+    payloads = [{"arm": arm.to_dict(), "spec": arm_spec(config, arm), "folder": str(out / arm.name),
+                 "workers": a.workers} for arm in todo]
+    context = multiprocessing.get_context("spawn")  # fresh processes: no forked threads, honest peak memory
+    with futures.ProcessPoolExecutor(max_workers=min(a.workers, max(1, len(todo))), mp_context=context,
+                                     max_tasks_per_child=1) as pool:
+        running = {pool.submit(run_arm_process, payload): payload["arm"]["name"] for payload in payloads}
+        if todo:
+            log(f"running {len(todo)} arm(s), {a.workers} at a time" + (" (logs in <arm>/log.txt)"
+                                                                          if a.workers > 1 else ""))
+        for done, job in enumerate(futures.as_completed(running), 1):
+            name = running[job]
+            try:
+                results[name] = job.result()
+            except Exception as exc:  # the process itself died (e.g. killed for memory)
+                results[name] = {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
+            r = results[name]
+            status = f"{100 * r['accuracy']:.1f}% accuracy, {r['train_seconds']:.0f}s training" \
+                if r["status"] == "finished" else f"FAILED: {r['error']}"
+            log(f"[{done}/{len(todo)}] {name}: {status} ({time.perf_counter() - start:.0f}s elapsed)")
+            write_tables(config, arms, results)
+    rows = write_tables(config, arms, results)
+    log("\n" + (out / "summary.md").read_text())
+    failed = [name for name, r in results.items() if r["status"] != "finished"]
+    if failed:
+        log(f"{len(failed)} arm(s) failed: {', '.join(failed)}; see <arm>/log.txt, fix, and rerun (finished arms "
+            "are skipped)")
+    return {"arms": [arm.to_dict() for arm in arms], "rows": rows, "failed": failed}
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path} is not valid JSON ({exc}); delete it to run the arm again") from exc
+
+
+# ---------------------------------------------------------------------------------------------------
+# One arm, in its own process
+
+
+def run_arm_process(payload: dict[str, Any]) -> dict[str, Any]:
+    """Entry point of an arm's process: run it, write ``result.json``, and report failures as a result."""
+    folder = Path(payload["folder"])
+    workers = payload["workers"]
+    if workers > 1:
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+    log_file = (folder / "log.txt").open("a", encoding="utf-8")
+
+    def log(message: Any = "") -> None:
+        log_file.write(f"{message}\n")
+        log_file.flush()
+        if workers == 1:
+            print(message, flush=True)
+
+    arm = Arm(**{**payload["arm"], "targets": tuple(payload["arm"]["targets"]),
+                 "notes": tuple(payload["arm"]["notes"])})
+    try:
+        log(f"== {describe_arm(arm)}")
+        result = run_arm(arm, payload["spec"], folder, log, quiet=workers > 1)
+        write_atomic(folder / RESULT_NAME, json.dumps(result, indent=1) + "\n")
+        return result
+    except Exception as exc:  # reported in the table; the arm is retried on the next run
+        log(traceback.format_exc())
+        return {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
+    finally:
+        log_file.close()
+
+
+def run_arm(arm: Arm, spec: dict[str, Any], folder: Path, log: Any = print, quiet: bool = False) -> dict[str, Any]:
+    """Train and test one arm (resuming its own checkpoints); returns its result row data."""
+    sections = spec["sections"]
+    if spec["path"] == "language":
+        accuracy, per_task, train_seconds = _run_language(arm, sections, folder, log, quiet)
+    else:
+        accuracy, per_task, train_seconds = _run_vim(arm, sections, spec["tasks"], folder, log)
+    return {"status": "finished", "spec": spec, "accuracy": accuracy, "per_task": per_task,
+            "train_seconds": round(train_seconds, 1), **_peak_memory_mb()}
+
+
+def _run_language(arm: Arm, sections: dict[str, Any], folder: Path, log: Any,
+                  quiet: bool) -> tuple[float, dict[str, float], float]:
+    from ..evaluation.commonsense import evaluate_commonsense
+    from ..train.config import parse_config
+    from ..train.trainer import run_training
+
+    training = {**sections["training"], "output_dir": str(folder / "adapter"), "resume": True}
+    if quiet:
+        training["progress_bar"] = False
+    raw = {"model": sections["model"], "adapter": arm.adapter, "data": sections["data"], "training": training}
+    trained = run_training(parse_config(raw, source=f"arm {arm.name}"), log=log)
+    ev = sections["evaluation"]
+    results = evaluate_commonsense(trained["model"], trained["tokenizer"], ev["data_root"], ev["tasks"],
+                                   ev["batch_size"], ev["num_beams"], ev["max_new_tokens"], ev["limit"],
+                                   output_dir=folder / "eval", log=log)
+    per_task = {task: r["accuracy"] for task, r in results["tasks"].items()}
+    return results["average"], per_task, float(trained["metrics"].get("train_runtime", 0.0))
+
+
+def _run_vim(arm: Arm, sections: dict[str, Any], tasks: list[str], folder: Path,
+             log: Any) -> tuple[float, dict[str, float], float]:
+    from ..train.vtab import (
+        VimModelSection,
+        VtabDataSection,
+        VtabExperiment,
+        VtabTrainingSection,
+        run_vtab_task,
+    )
+
+    experiment = VtabExperiment(
+        model=VimModelSection(**sections["model"]), adapter=arm.adapter, data=VtabDataSection(**sections["data"]),
+        training=VtabTrainingSection(**{**sections["training"], "output_dir": str(folder)}), source=f"arm {arm.name}")
+    per_task, seconds = {}, 0.0
+    for task in tasks:
+        result = run_vtab_task(experiment, task, log=log)
+        per_task[task] = result["test_accuracy"]
+        seconds += result["train_seconds"]
+    return sum(per_task.values()) / len(per_task), per_task, seconds
+
+
+def _peak_memory_mb() -> dict[str, float | None]:
+    import resource
+
+    import torch
+
+    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux
+    cuda = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
+    return {"peak_rss_mb": round(rss_kb / 1024, 1), "peak_cuda_mb": round(cuda, 1) if cuda is not None else None}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tables
+
+_COLUMNS = ("arm", "method", "target_set", "targets", "routing", "r", "num_A", "num_B", "parameters",
+            "budget_deviation_pct", "accuracy_pct", "train_seconds", "peak_rss_mb", "peak_cuda_mb", "status")
+
+
+def table_rows(arms: list[Arm], results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per arm, in plan order (arms not run yet have status ``pending``)."""
+    rows = []
+    for arm in arms:
+        r = results.get(arm.name, {"status": "pending"})
+        finished = r["status"] == "finished"
+        row = {"arm": arm.name, "method": arm.method, "target_set": arm.target_set, "targets": " ".join(arm.targets),
+               "routing": arm.routing or "", "r": arm.adapter["r"], "num_A": arm.adapter.get("num_A", ""),
+               "num_B": arm.adapter.get("num_B", ""), "parameters": arm.parameters,
+               "budget_deviation_pct": round(100 * arm.deviation, 2),
+               "accuracy_pct": round(100 * r["accuracy"], 2) if finished else "",
+               "train_seconds": r["train_seconds"] if finished else "",
+               "peak_rss_mb": r["peak_rss_mb"] if finished else "",
+               "peak_cuda_mb": (r["peak_cuda_mb"] or "") if finished else "",
+               "status": r["status"] if finished or r["status"] == "pending" else f"failed: {r['error']}"}
+        for task, value in (r.get("per_task") or {}).items():
+            row[f"acc_{task}"] = round(100 * value, 2)
+        rows.append(row)
+    return rows
+
+
+def write_tables(config: AblationConfig, arms: list[Arm], results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """``results.csv``, ``results.json`` and ``summary.md`` in the output folder; returns the rows."""
+    a, out = config.ablation, Path(config.ablation.output_dir)
+    rows = table_rows(arms, results)
+    columns = list(_COLUMNS) + sorted({k for row in rows for k in row if k.startswith("acc_")})
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, restval="")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_atomic(out / "results.csv", buffer.getvalue())
+    meta = {"path": a.path, "budget": a.budget, "tolerance": a.tolerance, "source": config.source}
+    write_atomic(out / "results.json", json.dumps({**meta, "rows": rows}, indent=1) + "\n")
+    write_atomic(out / "summary.md", summary_markdown(config, arms, rows))
+    return rows
+
+
+def summary_markdown(config: AblationConfig, arms: list[Arm], rows: list[dict[str, Any]]) -> str:
+    a = config.ablation
+    measure = "commonsense accuracy (average over tasks)" if a.path == "language" else \
+        f"VTAB-1K test accuracy (mean over {', '.join(a.tasks or [])})"
+    done = [row["accuracy_pct"] for row in rows if row["accuracy_pct"] != ""]
+    best = max(done) if done else None
+    lines = [f"# Ablation: {config.source}", "",
+             f"Budget {a.budget:,} adapter parameters per arm (±{a.tolerance:.0%}); accuracy is {measure}; "
+             "peak memory is the peak RSS of the arm's process.", "",
+             "| arm | targets | routing | r | A / B | parameters | vs budget | accuracy (%) | train (s) | peak MB |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for row in rows:
+        experts = f"{row['num_A']} / {row['num_B']}" if row["num_A"] != "" else ""
+        acc = "" if row["accuracy_pct"] == "" else f"{row['accuracy_pct']:.1f}"
+        if acc and row["accuracy_pct"] == best:
+            acc = f"**{acc}**"
+        if row["status"] != "finished":
+            acc = row["status"]
+        train = "" if row["train_seconds"] == "" else f"{row['train_seconds']:.0f}"
+        lines.append(f"| {row['arm']} | {row['targets']} | {row['routing']} | {row['r']} | {experts} | "
+                     f"{row['parameters']:,} | {row['budget_deviation_pct']:+.1f}% | {acc} | {train} | "
+                     f"{row['peak_rss_mb']} |")
+    notes = [f"- {arm.name}: {'; '.join(arm.notes)}" for arm in arms if arm.notes]
+    if notes:
+        lines += ["", "Notes from the budget matcher:", *notes]
+    return "\n".join(lines) + "\n"
