@@ -66,6 +66,18 @@ def _eval_commonsense(args: argparse.Namespace) -> int:
     return 0
 
 
+def _inspect(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .analysis.inspect import inspect_adapters
+
+    out = Path(args.out) if args.out else Path(args.adapters[0]) / "inspect"
+    summary = inspect_adapters(args.adapters, out, data=args.data, model=args.model, limit=args.limit,
+                               batch_size=args.batch_size, rtol=args.rtol, dtype=args.dtype, device=args.device)
+    print(f"figures written to {out}/: {', '.join(Path(f).name for f in summary['figures'])} (numbers: inspect.json)")
+    return 0
+
+
 def _lm_eval(lm_eval_args: list[str]) -> int:
     try:
         from .evaluation.harness import run_cli
@@ -121,6 +133,21 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--device-map", default=None, help="e.g. auto or cuda:0 (default: CPU)")
     ev.add_argument("--output", default=None, help="folder for results.json, results.md and predictions/")
     ev.set_defaults(func=_eval_commonsense)
+
+    ins = sub.add_parser("inspect", help="PNG figures of saved adapters: effective rank of ΔW per layer, router "
+                         "weights, Lily's A groups and B-expert usage")
+    ins.add_argument("adapters", nargs="+", help="adapter folders (several are overlaid in the rank figure)")
+    ins.add_argument("--data", default=None, help="for Lily router weights: a commonsense JSON file, a test-set root "
+                     "with <task>/test.json, builtin:synthetic-commonsense, or the VTAB-1K root for a vtab task folder")
+    ins.add_argument("--model", default=None, help="base model for --data (default: the adapter's experiment.yaml)")
+    ins.add_argument("--out", default=None, help="output folder (default: <first adapter>/inspect)")
+    ins.add_argument("--limit", type=int, default=64, help="data items to run (default 64)")
+    ins.add_argument("--batch-size", type=int, default=8)
+    ins.add_argument("--rtol", type=float, default=1e-3,
+                     help="effective rank = number of singular values > rtol * largest (default 1e-3)")
+    ins.add_argument("--dtype", default=None, help="model dtype (default: experiment.yaml's, else auto)")
+    ins.add_argument("--device", default=None, help="e.g. cpu or cuda:0 (default: cuda if available)")
+    ins.set_defaults(func=_inspect)
 
     lm = sub.add_parser("lm-eval", add_help=False, help="lm-evaluation-harness's own command line with the 'lily' "
                         "backend registered, e.g. --model lily --model_args pretrained=...,adapter=... --tasks ...")

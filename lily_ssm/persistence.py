@@ -108,6 +108,13 @@ def _read_tensors(folder: Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]
     return tensors
 
 
+def read_adapter(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """An adapter folder's metadata and tensors (checksum- and shape-verified), without a model."""
+    folder = Path(path)
+    meta = _read_meta(folder)
+    return meta, _read_tensors(folder, meta)
+
+
 def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Load the adapter in folder ``path`` onto ``model`` (a base model, or one already adapted with
     the same config) and return it. Nothing is changed if the adapter does not fit the model."""

@@ -131,3 +131,9 @@ def test_cli_dry_run_and_unreachable_budget(assets, tmp_path, capsys):
     assert cli(["ablate", str(path), "--dry-run", *tight]) == 2
     err = capsys.readouterr().err
     assert "cannot be sized to the budget" in err and "lora-in:" in err and "nearest" in err
+
+
+@pytest.mark.parametrize("name", ["tiny.yaml", "falcon-mamba-7b.yaml", "vim_s.yaml"])
+def test_shipped_ablation_configs_parse(name):
+    config = load_ablation(f"configs/ablation/{name}")
+    assert len(config.target_sets()) == 8 and config.ablation.methods == ["lily", "lora"]

@@ -148,7 +148,7 @@ def run_arm(arm: Arm, spec: dict[str, Any], folder: Path, log: Any = print, quie
     else:
         accuracy, per_task, train_seconds = _run_vim(arm, sections, spec["tasks"], folder, log)
     return {"status": "finished", "spec": spec, "accuracy": accuracy, "per_task": per_task,
-            "train_seconds": round(train_seconds, 1), **_peak_memory_mb()}
+            "train_seconds": round(train_seconds, 3), **_peak_memory_mb()}
 
 
 def _run_language(arm: Arm, sections: dict[str, Any], folder: Path, log: Any,

@@ -188,7 +188,8 @@ def run_vtab_task(experiment: VtabExperiment, task: str, log: Any = print) -> di
               "best_test_accuracy_seen": state["best_test_accuracy"], "epochs": state["epoch"],
               "train_seconds": round(sum(h["seconds"] for h in state["history"]), 2),
               "adapter_parameters": report.adapter_total, "head_parameters": report.other_trainable,
-              "config": {"model": asdict(experiment.model), "adapter": experiment.adapter}}
+              "config": {"model": asdict(experiment.model), "adapter": experiment.adapter,
+                         "training": asdict(experiment.training)}}
     write_atomic(out / "result.json", json.dumps(result, indent=1) + "\n")
     return result
 
