@@ -16,7 +16,7 @@ from lily_ssm.models.loading import load_model_and_tokenizer
 from lily_ssm.models.tiny import build_quickstart_base
 from lily_ssm.quickstart import run_quickstart
 from lily_ssm.train.config import parse_config
-from lily_ssm.train.trainer import LOG_NAME, run_training
+from lily_ssm.train.trainer import LOG_NAME, run_training, training_seconds
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +70,44 @@ def test_resume_continues_from_the_saved_step(assets, tmp_path):
     assert steps == [5, 10, 15, 20]  # the second run logged only steps after the checkpoint
     state = json.loads((out / "checkpoint-20" / "trainer_state.json").read_text())
     assert state["global_step"] == 20
+    starts = [row for row in log_rows(out) if row.get("run_start")]
+    assert [row["resume_from"] for row in starts] == [None, str(out / "checkpoint-10")]
+    runs = [max(row["train_runtime"] for row in rows if "train_runtime" in row)
+            for rows in _split_runs(log_rows(out))]
+    assert len(runs) == 2 and training_seconds(out / LOG_NAME) == pytest.approx(sum(runs))
+
+
+def test_resuming_from_the_final_checkpoint_trains_nothing(assets, tmp_path):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "run"
+    run_training(parse_config(experiment(assets, out, max_steps=10)), log=lambda *_: None)
+    final = load_file(out / "checkpoint-10" / "adapter_model.safetensors")
+    lines = []
+    again = run_training(parse_config(experiment(assets, out, max_steps=10, resume=True)), log=lines.append)
+    assert again["global_step"] == 10 and any("nothing left to train" in line for line in lines)
+    assert max(row["step"] for row in log_rows(out) if "step" in row) == 10
+    saved = load_file(out / "adapter_model.safetensors")
+    assert all(torch.equal(saved[k], final[k]) for k in final)
+
+
+def _split_runs(rows):
+    runs = []
+    for row in rows:
+        if row.get("run_start"):
+            runs.append([])
+        else:
+            runs[-1].append(row)
+    return runs
+
+
+def test_training_seconds_sums_the_runs_of_a_log(tmp_path):
+    lines = [{"run_start": True}, {"step": 5, "train_runtime": 1.0}, {"step": 10, "train_runtime": 2.5},
+             {"run_start": True, "resume_from": "checkpoint-5"}, {"step": 10, "train_runtime": 0.4},
+             {"step": 10, "train_runtime": 1.5, "train_loss": 0.1}]
+    (tmp_path / LOG_NAME).write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert training_seconds(tmp_path / LOG_NAME) == pytest.approx(4.0)
+    assert training_seconds(tmp_path / "missing.jsonl") == 0.0
 
 
 def test_evaluation_does_not_depend_on_batch_size(assets, tmp_path):

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 import yaml
-from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments, set_seed
+from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 from ..data.commonsense import load_train_dataset, tokenize_row
@@ -56,6 +56,33 @@ class AdapterTrainer(Trainer):
             record = {"step": self.state.global_step, "epoch": self.state.epoch, **logs}
             with open(self.log_path, "a", encoding="utf-8") as handle:
                 handle.write(json.dumps(record) + "\n")
+
+
+class _AlreadyTrained(Exception):
+    """Raised at the start of a resumed run whose checkpoint already holds every step."""
+
+
+class _StopWhenAlreadyTrained(TrainerCallback):
+    """transformers (5.x) takes one optimizer step before it checks ``max_steps``, so resuming from the
+    final checkpoint would train one step too many; stop such a run before its first step."""
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.max_steps > 0 and state.global_step >= state.max_steps:
+            raise _AlreadyTrained
+
+
+def training_seconds(log_path: str | Path) -> float:
+    """Training wall time recorded in a ``train_log.jsonl``, summed over every run that appended to it
+    (each run starts with a ``run_start`` line and counts up to its last ``train_runtime``)."""
+    path = Path(log_path)
+    runs: list[float] = []
+    for line in path.read_text(encoding="utf-8").splitlines() if path.is_file() else []:
+        record = json.loads(line)
+        if record.get("run_start") or not runs:
+            runs.append(0.0)
+        if "train_runtime" in record:
+            runs[-1] = max(runs[-1], float(record["train_runtime"]))
+    return sum(runs)
 
 
 def _training_arguments(config: ExperimentConfig, has_eval: bool) -> TrainingArguments:
@@ -139,7 +166,16 @@ def run_training(config: ExperimentConfig, log: Any = print) -> dict[str, Any]:
         processing_class=tokenizer,
         log_path=out / LOG_NAME,
     )
-    result = trainer.train(resume_from_checkpoint=_resume_checkpoint(config))
+    checkpoint = _resume_checkpoint(config)
+    if trainer.args.should_save:  # mark where this run's records begin
+        with open(out / LOG_NAME, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps({"run_start": True, "resume_from": checkpoint}) + "\n")
+    trainer.add_callback(_StopWhenAlreadyTrained())
+    try:
+        metrics = trainer.train(resume_from_checkpoint=checkpoint).metrics
+    except _AlreadyTrained:
+        log(f"{checkpoint} already holds all {trainer.state.max_steps} steps; nothing left to train")
+        metrics = {"train_runtime": 0.0}
     trainer.save_model(str(out))
-    return {"metrics": result.metrics, "adapter": str(out), "log": str(out / LOG_NAME),
+    return {"metrics": metrics, "adapter": str(out), "log": str(out / LOG_NAME),
             "global_step": trainer.state.global_step, "model": model, "tokenizer": tokenizer}
