@@ -84,3 +84,22 @@ def test_report_shows_the_budget_and_counts_agree_with_the_meta_count():
     report = parameter_report(lily_ssm.apply_adapter(model, match.config), budget=3000)
     assert f"budget 3,000: adapter {match.parameters:,} ({match.deviation:+.1%})" in str(report)
     assert all(p.device == torch.device("cpu") for p in model.lily_ssm_adapter.parameters())
+
+
+def test_requests_without_routing_keep_one_b_and_caps_are_noted():
+    model = tiny_mamba("falcon")
+    single = match_budget(model, {"method": "lily", "targets": ["in_proj"], "num_A": 1, "num_B": 1}, 300)
+    assert single.config.num_B == 1 and abs(single.deviation) <= 0.05
+    capped = match_budget(model, {"method": "lily", "targets": ["in_proj"], "num_A": 10, "num_B": 2}, 4000)
+    assert capped.config.num_A == 3 and capped.notes[0] == "num_A 10 capped at 3, the number of layers"
+    assert not any("tolerance" in note for note in capped.notes)
+
+
+def test_lora_alpha_fixed_or_per_rank():
+    model = tiny_mamba("falcon")
+    fixed = match_budget(model, {"method": "lora", "targets": ["in_proj"], "alpha": 16.0}, 2400)
+    assert fixed.config.r == 10 and fixed.config.alpha == 16.0
+    per_rank = match_budget(model, {"method": "lora", "targets": ["in_proj"], "alpha_per_rank": 1.5}, 2400)
+    assert per_rank.config.alpha == 15.0
+    with pytest.raises(ValueError, match="not both"):
+        match_budget(model, {"method": "lora", "targets": ["in_proj"], "alpha": 16.0, "alpha_per_rank": 2}, 2400)

@@ -51,8 +51,8 @@ def match_budget(model: nn.Module, template: dict[str, Any], budget: int, tolera
     """The config of ``template`` sized to ``budget`` adapter parameters (within ``tolerance``).
 
     ``template`` is an adapter config mapping without ``r``: for ``lily`` it gives the preferred
-    ``num_A`` and ``num_B`` (``num_A`` is capped at the number of layers); for ``lora``,
-    ``alpha_per_rank`` (default 2) sets ``alpha = alpha_per_rank · r``. Raises :class:`BudgetError`
+    ``num_A`` and ``num_B`` (``num_A`` is capped at the number of layers); for ``lora``, either a fixed
+    ``alpha`` or ``alpha_per_rank`` (default 2: ``alpha = 2·r``). Raises :class:`BudgetError`
     naming the nearest reachable counts when nothing lands within the tolerance.
     """
     from . import config_from_dict
@@ -74,8 +74,14 @@ def match_budget(model: nn.Module, template: dict[str, Any], budget: int, tolera
         return config_from_dict({**template, "r": r, **sizes})
 
     if method == "lora":
-        per_rank = float(template.pop("alpha_per_rank", 2.0))
-        candidates = [lambda r: build(r, alpha=per_rank * r)]
+        if "alpha" in template and "alpha_per_rank" in template:
+            raise ValueError(f"give alpha (fixed) or alpha_per_rank (alpha = alpha_per_rank·r), not both: "
+                             f"alpha={template['alpha']!r}, alpha_per_rank={template['alpha_per_rank']!r}")
+        if "alpha" in template:
+            candidates = [lambda r: build(r)]
+        else:
+            per_rank = float(template.pop("alpha_per_rank", 2.0))
+            candidates = [lambda r: build(r, alpha=per_rank * r)]
     elif method == "lily":
         layers = min(g.num_layers for g in groups)
         want_a = min(int(template.get("num_A", 1)), layers)
@@ -105,9 +111,9 @@ def match_budget(model: nn.Module, template: dict[str, Any], budget: int, tolera
 
 def _expert_counts(want_a: int, want_b: int, layers: int) -> list[tuple[int, int]]:
     """(num_A, num_B) pairs: the requested pair first, then by distance from it, fewer experts first.
-    A request with routing (num_B > 1) keeps num_B > 1."""
-    min_b = 2 if want_b > 1 else 1
-    pairs = [(a, b) for a in range(1, layers + 1) for b in range(min_b, max(2 * want_b, want_b + 4) + 1)]
+    A request with routing (num_B > 1) keeps num_B > 1; one without (num_B = 1) keeps num_B = 1."""
+    b_range = range(2, max(2 * want_b, want_b + 4) + 1) if want_b > 1 else range(1, 2)
+    pairs = [(a, b) for a in range(1, layers + 1) for b in b_range]
     return sorted(pairs, key=lambda p: (abs(p[0] - want_a) + abs(p[1] - want_b), p[0] + p[1], p))
 
 
@@ -118,9 +124,17 @@ def _describe(config: AdapterConfig) -> str:
 
 def _notes(groups: list[TargetGroup], config: AdapterConfig, template: dict[str, Any]) -> tuple[str, ...]:
     notes = []
+    layers = min(g.num_layers for g in groups)
     for key in ("num_A", "num_B"):
-        if key in template and getattr(config, key) != template[key]:
-            notes.append(f"{key} {template[key]} -> {getattr(config, key)} to land within the tolerance")
+        wanted = template.get(key)
+        if wanted is None or getattr(config, key) == wanted:
+            continue
+        if key == "num_A" and wanted > layers:
+            notes.append(f"num_A {wanted} capped at {layers}, the number of layers")
+            if getattr(config, key) == layers:
+                continue
+            wanted = layers
+        notes.append(f"{key} {wanted} -> {getattr(config, key)} to land within the tolerance")
     for g in groups:
         limit = min(g.in_features, g.out_features)
         if config.r > limit:
