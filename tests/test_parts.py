@@ -128,3 +128,12 @@ def test_vim_backward_x_proj_parts_use_the_backward_dt_rank():
     adapted = lily_ssm.apply_adapter(model, lily(["x_proj_b.dt", "x_proj.C"], routing="token"))
     randomise_adapter(adapted)
     assert adapted(images()).shape == (2, 5)
+
+
+def test_parts_are_refused_where_the_split_is_not_mamba_1s():
+    from transformers import Mamba2Config, Mamba2ForCausalLM
+
+    config = Mamba2Config(vocab_size=64, hidden_size=16, state_size=8, num_hidden_layers=2, expand=2, head_dim=8,
+                          num_heads=4, n_groups=1, conv_kernel=4)
+    with pytest.raises(ValueError, match="its parent is a Mamba2Mixer, and parts are defined for the Mamba-1"):
+        find_targets(Mamba2ForCausalLM(config), ["in_proj.x"])

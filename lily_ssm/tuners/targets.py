@@ -74,6 +74,8 @@ def _suffix_match(name: str, suffix: str) -> bool:
     return name == suffix or name.endswith("." + suffix)
 
 
+# Mixers whose in_proj is [x, z] and whose x_proj is [dt, B, C] (transformers' and lily-ssm's Vim).
+MAMBA1_MIXERS = ("MambaMixer", "FalconMambaMixer", "VimMixer")
 # Output parts of Mamba-1 projections that can be adapted on their own, in output order.
 PARTS = {"in_proj": ("x", "z"), "x_proj": ("dt", "B", "C")}
 _PARTS_HELP = "in_proj.x / in_proj.z (SSM input / gate halves) and x_proj.dt / x_proj.B / x_proj.C"
@@ -86,7 +88,13 @@ def output_parts(model: nn.Module, name: str, module: nn.Linear) -> dict[str, tu
     ``x_proj_b``) is split as ``[dt_rank, d_state, d_state]``; dt_rank is read from the sibling
     ``dt_proj`` (``dt_proj_b``), whose input is the Δ slice.
     """
-    leaf = name.rsplit(".", 1)[-1]
+    parent_name, _, leaf = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    if leaf != "in_proj" and not leaf.startswith("x_proj"):
+        return None
+    if type(parent).__name__ not in MAMBA1_MIXERS:  # e.g. Mamba-2's in_proj packs z, x, B, C and dt
+        raise ValueError(f"parts of {name} are not defined: its parent is a {type(parent).__name__}, and parts are "
+                         f"defined for the Mamba-1 mixers {', '.join(MAMBA1_MIXERS)}")
     out = module.out_features
     if leaf == "in_proj":
         if out % 2:
