@@ -75,9 +75,23 @@ def test_language_ablation_table_and_resume(assets, tmp_path):
     assert [line.split(":")[0] for line in lines if line.startswith("[")] == ["[1/1] lora-in"]
     assert read_csv(out / "results.csv")[1]["status"] == "finished"
 
-    # other settings in the same folder are refused rather than mixed
+    # new evaluation settings: every arm is evaluated again, none is trained again
+    seconds = {row["arm"]: float(row["train_seconds"]) for row in read_csv(out / "results.csv")}
+    raw = language_config(assets, out)
+    raw["evaluation"]["max_new_tokens"] = 3
+    lines.clear()
+    run_ablation(parse_ablation(raw), log=lines.append)
+    assert sum("evaluating it again" in line for line in lines) == 4
+    for name in names:
+        result = json.loads((out / name / "result.json").read_text())
+        assert result["spec"]["sections"]["evaluation"]["max_new_tokens"] == 3
+        assert result["train_seconds"] == pytest.approx(seconds[name], abs=0.5)  # a resumed run trains 0 steps
+        log = (out / name / "adapter" / "train_log.jsonl").read_text()
+        assert '"step": 4' not in log  # never trained past max_steps
+
+    # other training settings in the same folder are refused rather than mixed
     changed = parse_ablation(language_config(assets, out, budget=3500))
-    with pytest.raises(ConfigError, match="written for other settings"):
+    with pytest.raises(ConfigError, match="written for other training settings"):
         run_ablation(changed, log=lines.append)
 
 
@@ -106,6 +120,58 @@ def test_shipped_tiny_config_plans_every_arm_within_five_percent():
     assert len(arms) == 16 and all(abs(a.deviation) <= 0.05 for a in arms)
 
 
+def die_or_finish(payload):
+    """Stand-in arm process: the arm named ``lora-in`` dies without a word, the others finish."""
+    import os
+
+    from lily_ssm.utils.atomic import write_atomic
+
+    if payload["arm"]["name"] == "lora-in":
+        os._exit(9)
+    write_atomic(f"{payload['folder']}/result.json", json.dumps({"status": "finished", "name": payload["arm"]["name"]}))
+
+
+def test_a_dying_arm_process_fails_only_its_arm(tmp_path, monkeypatch):
+    from lily_ssm.ablation import runner
+
+    payloads = [{"arm": {"name": n}, "folder": str(tmp_path / n), "workers": 2}
+                for n in ("lily-in-causal", "lora-in", "lora-in.x")]
+    for payload in payloads:
+        (tmp_path / payload["arm"]["name"]).mkdir()
+    monkeypatch.setattr(runner, "run_arm_process", die_or_finish)
+    outcomes = dict(runner._run_processes(payloads, workers=2))
+    assert outcomes["lily-in-causal"] == {"status": "finished", "name": "lily-in-causal"}
+    assert outcomes["lora-in.x"]["status"] == "finished"
+    assert outcomes["lora-in"]["status"] == "failed" and "exited with code 9" in outcomes["lora-in"]["error"]
+
+
+def test_missing_data_and_a_busy_folder_stop_before_training(assets, tmp_path):
+    import os
+
+    missing = language_config(assets, tmp_path / "a")
+    missing["evaluation"]["data_root"] = str(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="nowhere/boolq/test.json is missing"):
+        run_ablation(parse_ablation(missing), log=lambda *_: None)
+    assert not (tmp_path / "a").exists()
+
+    busy = tmp_path / "b"
+    busy.mkdir()
+    (busy / ".lock").write_text(f"{os.getppid()}\n")  # a live process that is not this one
+    with pytest.raises(ConfigError, match="another lily-ssm ablate"):
+        run_ablation(parse_ablation(language_config(assets, busy)), log=lambda *_: None)
+
+
+def test_method_settings_merge_over_the_defaults(assets, tmp_path):
+    raw = language_config(assets, tmp_path)
+    raw["ablation"]["lily"] = {"router": "global"}
+    config = parse_ablation(raw)
+    assert config.ablation.lily == {"num_A": 4, "num_B": 4, "router": "global"}
+    raw["ablation"]["lily"] = {"num_B": 1}
+    raw["ablation"]["routing"] = ["causal", "sequence"]
+    with pytest.raises(ConfigError, match="num_B=1: without several B experts there is no router"):
+        parse_ablation(raw)
+
+
 def test_config_errors_name_the_key(assets, tmp_path):
     raw = language_config(assets, tmp_path)
     with pytest.raises(ConfigError, match="unknown preset.*nope; presets for the language path: in, dt"):
@@ -116,6 +182,8 @@ def test_config_errors_name_the_key(assets, tmp_path):
         parse_ablation({**raw, "ablation": {**raw["ablation"], "lily": {"r": 4}}})
     with pytest.raises(ConfigError, match="no 'adapter' section"):
         parse_ablation({**raw, "adapter": {}})
+    with pytest.raises(ConfigError, match="'../x': a name becomes a folder name"):
+        parse_ablation({**raw, "ablation": {**raw["ablation"], "target_sets": {"../x": ["in_proj"]}}}).target_sets()
     with pytest.raises(ConfigError, match="the Vim path needs a list of VTAB tasks"):
         parse_ablation({**raw, "ablation": {**raw["ablation"], "path": "vim"}})
 

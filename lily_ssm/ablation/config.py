@@ -8,6 +8,7 @@ Each arm's adapter is not written by hand: the budget matcher sizes it.
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,8 @@ TARGET_SETS: dict[str, dict[str, list[str]]] = {
 }
 DEFAULT_SETS = ["in", "dt", "dt+in", "x_proj", "out_proj", "in.x", "in.z", "all"]
 DEFAULT_ROUTING = {"language": "causal", "vim": "token"}
+DEFAULT_METHOD_SETTINGS = {"lily": {"num_A": 4, "num_B": 4}, "lora": {}}  # LoRA: alpha = 2·r unless set
+_SET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")  # names become folder names
 
 
 @dataclass
@@ -54,8 +57,8 @@ class AblationSection:
     target_sets: Any = field(default_factory=lambda: list(DEFAULT_SETS))  # preset names, or {name: [targets]}
     routing: list[str] | None = None  # Lily routing modes, one Lily arm each; default causal / token (Vim)
     tolerance: float = 0.05
-    lily: dict[str, Any] = field(default_factory=lambda: {"num_A": 4, "num_B": 4})
-    lora: dict[str, Any] = field(default_factory=lambda: {"alpha_per_rank": 2.0})
+    lily: dict[str, Any] = field(default_factory=dict)  # over DEFAULT_METHOD_SETTINGS["lily"]
+    lora: dict[str, Any] = field(default_factory=dict)
     workers: int = 1
     tasks: list[str] | None = None  # Vim path: the VTAB tasks each arm trains and tests on
 
@@ -82,6 +85,10 @@ class AblationConfig:
         sets = self.ablation.target_sets
         presets = TARGET_SETS[self.ablation.path]
         if isinstance(sets, dict):
+            bad = [str(name) for name in sets if not _SET_NAME.match(str(name))]
+            if bad:
+                raise ConfigError(f"{self.source}: ablation.target_sets name(s) {', '.join(map(repr, bad))}: a name "
+                                  "becomes a folder name; use letters, digits and _ . + -")
             return {str(name): _target_list(name, targets, self.source) for name, targets in sets.items()}
         unknown = [name for name in sets if name not in presets]
         if unknown:
@@ -127,6 +134,11 @@ def parse_ablation(raw: Any, source: str = "<dict>") -> AblationConfig:
     parsed, _ = parse_sections({"ablation": ablation_raw, "adapter": {}}, {"ablation": AblationSection}, source)
     ablation: AblationSection = parsed["ablation"]
     _check_ablation(ablation, source)
+    ablation.lily = {**DEFAULT_METHOD_SETTINGS["lily"], **ablation.lily}
+    ablation.lora = {**DEFAULT_METHOD_SETTINGS["lora"], **ablation.lora}
+    if "lily" in ablation.methods and ablation.lily["num_B"] == 1 and len(ablation.routing or []) > 1:
+        raise ConfigError(f"{source}: ablation.routing={ablation.routing!r} with ablation.lily.num_B=1: without "
+                          "several B experts there is no router, so every routing mode is the same run")
 
     classes = section_classes(ablation.path)
     training = dict(raw.get("training") or {})

@@ -6,9 +6,11 @@ Layout of ``ablation.output_dir``::
     plan.json                the arms with their sized adapters
     <arm>/arm.json           what the arm runs (a rerun with other settings is refused)
     <arm>/result.json        written when the arm has finished: the arm is then skipped
+    <arm>/failure.json       the error of a failed attempt (the arm runs again on the next run)
     <arm>/log.txt            the arm's progress
     <arm>/adapter/ or <arm>/<task>/   the trained adapter(s); <arm>/eval/ the predictions
     results.csv, results.json, summary.md
+    .lock                    held by the running ``ablate`` (one per folder at a time)
 
 Each arm runs in a fresh process so its peak memory (peak RSS of that process; peak CUDA memory
 when on a GPU) is its own.
@@ -16,14 +18,16 @@ when on a GPU) is its own.
 
 from __future__ import annotations
 
-import concurrent.futures as futures
+import contextlib
 import csv
 import io
 import json
 import multiprocessing
+import multiprocessing.connection
 import os
 import time
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,12 +38,19 @@ from .config import AblationConfig
 
 RESULT_NAME = "result.json"
 ARM_NAME = "arm.json"
+FAILURE_NAME = "failure.json"
+LOCK_NAME = ".lock"
 
 
 def arm_spec(config: AblationConfig, arm: Arm) -> dict[str, Any]:
     """Everything an arm's result depends on; a finished arm is reused only if this is unchanged."""
     return {"path": config.ablation.path, "arm": arm.to_dict(), "sections": config.sections,
             "tasks": config.ablation.tasks}
+
+
+def _training_part(spec: dict[str, Any]) -> dict[str, Any]:
+    """The part of a spec its checkpoints depend on (the evaluation settings can change freely)."""
+    return {**spec, "sections": {k: v for k, v in spec["sections"].items() if k != "evaluation"}}
 
 
 def run_ablation(config: AblationConfig, log: Any = print, dry_run: bool = False) -> dict[str, Any]:
@@ -52,51 +63,129 @@ def run_ablation(config: AblationConfig, log: Any = print, dry_run: bool = False
         log("  " + describe_arm(arm))
     if dry_run:
         return {"arms": [arm.to_dict() for arm in arms], "rows": []}
-    write_atomic(out / "plan.json", json.dumps([arm.to_dict() for arm in arms], indent=1) + "\n")
+    check_data(config)  # a missing test set should not cost a training run per arm
+    with _lock(out):
+        return _run_arms(config, arms, out, log)
 
+
+def _run_arms(config: AblationConfig, arms: list[Arm], out: Path, log: Any) -> dict[str, Any]:
+    write_atomic(out / "plan.json", json.dumps([arm.to_dict() for arm in arms], indent=1) + "\n")
     results: dict[str, dict[str, Any]] = {}
     todo: list[Arm] = []
     for arm in arms:
         spec, folder = arm_spec(config, arm), out / arm.name
-        for name in (RESULT_NAME, ARM_NAME):
-            if (folder / name).is_file() and _read_json(folder / name).get("spec") != spec:
-                raise ConfigError(f"{folder / name} was written for other settings than {config.source} now gives; "
-                                  f"use another ablation.output_dir, or delete {folder} to run the arm again")
-        if (folder / RESULT_NAME).is_file():
+        _check_reuse(folder, spec, config.source)
+        if (folder / RESULT_NAME).is_file() and _read_json(folder / RESULT_NAME).get("spec") == spec:
             results[arm.name] = _read_json(folder / RESULT_NAME)
             log(f"{arm.name}: finished earlier, skipped ({folder / RESULT_NAME})")
-        else:
-            write_atomic(folder / ARM_NAME, json.dumps({"spec": spec}, indent=1) + "\n")
-            todo.append(arm)
+            continue
+        if (folder / RESULT_NAME).is_file():
+            log(f"{arm.name}: the evaluation settings changed; evaluating it again (training is resumed)")
+            (folder / RESULT_NAME).unlink()
+        write_atomic(folder / ARM_NAME, json.dumps({"spec": spec}, indent=1) + "\n")
+        todo.append(arm)
 
+    workers = config.ablation.workers
+    if todo:
+        log(f"running {len(todo)} arm(s), {workers} at a time" + (" (logs in <arm>/log.txt)" if workers > 1 else ""))
     start = time.perf_counter()
     payloads = [{"arm": arm.to_dict(), "spec": arm_spec(config, arm), "folder": str(out / arm.name),
-                 "workers": a.workers} for arm in todo]
-    context = multiprocessing.get_context("spawn")  # fresh processes: no forked threads, honest peak memory
-    with futures.ProcessPoolExecutor(max_workers=min(a.workers, max(1, len(todo))), mp_context=context,
-                                     max_tasks_per_child=1) as pool:
-        running = {pool.submit(run_arm_process, payload): payload["arm"]["name"] for payload in payloads}
-        if todo:
-            log(f"running {len(todo)} arm(s), {a.workers} at a time" + (" (logs in <arm>/log.txt)"
-                                                                          if a.workers > 1 else ""))
-        for done, job in enumerate(futures.as_completed(running), 1):
-            name = running[job]
-            try:
-                results[name] = job.result()
-            except Exception as exc:  # the process itself died (e.g. killed for memory)
-                results[name] = {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
-            r = results[name]
-            status = f"{100 * r['accuracy']:.1f}% accuracy, {r['train_seconds']:.0f}s training" \
-                if r["status"] == "finished" else f"FAILED: {r['error']}"
-            log(f"[{done}/{len(todo)}] {name}: {status} ({time.perf_counter() - start:.0f}s elapsed)")
-            write_tables(config, arms, results)
+                 "workers": workers} for arm in todo]
+    for done, (name, result) in enumerate(_run_processes(payloads, workers), 1):
+        results[name] = result
+        status = f"{100 * result['accuracy']:.1f}% accuracy, {result['train_seconds']:.0f}s training" \
+            if result["status"] == "finished" else f"FAILED: {result['error']}"
+        log(f"[{done}/{len(todo)}] {name}: {status} ({time.perf_counter() - start:.0f}s elapsed)")
+        write_tables(config, arms, results)
     rows = write_tables(config, arms, results)
     log("\n" + (out / "summary.md").read_text())
     failed = [name for name, r in results.items() if r["status"] != "finished"]
     if failed:
-        log(f"{len(failed)} arm(s) failed: {', '.join(failed)}; see <arm>/log.txt, fix, and rerun (finished arms "
-            "are skipped)")
+        log(f"{len(failed)} arm(s) failed: {', '.join(failed)}; see <arm>/log.txt. Fix the cause and rerun: finished "
+            "arms are skipped and unfinished ones resume from their checkpoints")
     return {"arms": [arm.to_dict() for arm in arms], "rows": rows, "failed": failed}
+
+
+def check_data(config: AblationConfig) -> None:
+    """Raise ``FileNotFoundError`` naming the first data file the arms would miss."""
+    sections = config.sections
+    if config.ablation.path == "language":
+        from ..data.commonsense import BUILTIN_DATA
+        from ..data.prompts import resolve_tasks
+        from ..evaluation.commonsense import task_test_file
+
+        train = sections["data"]["train_file"]
+        if train != BUILTIN_DATA and Path(train).suffix in (".json", ".jsonl") and not Path(train).is_file():
+            raise FileNotFoundError(f"data.train_file {train} does not exist")
+        for task in resolve_tasks(sections["evaluation"]["tasks"]):
+            task_test_file(sections["evaluation"]["data_root"], task)
+        return
+    for task in config.ablation.tasks or []:
+        for split in ("train800val200", "test"):  # the splits lily-ssm vtab trains and tests on
+            path = Path(sections["data"]["root"]) / task / f"{split}.txt"
+            if not path.is_file():
+                raise FileNotFoundError(f"{path} is missing: data.root must hold the VTAB-1K task folders")
+
+
+def _check_reuse(folder: Path, spec: dict[str, Any], source: str) -> None:
+    """Refuse a folder whose checkpoints or result come from other training settings."""
+    for name in (RESULT_NAME, ARM_NAME):
+        path = folder / name
+        if path.is_file() and _training_part(_read_json(path).get("spec") or {"sections": {}}) != _training_part(spec):
+            raise ConfigError(f"{path} was written for other training settings than {source} now gives; use another "
+                              f"ablation.output_dir, or delete {folder} to run the arm again")
+
+
+def _run_processes(payloads: list[dict[str, Any]], workers: int) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Run each payload in a fresh process, ``workers`` at a time; yield ``(arm name, result)`` as they end.
+    A process that dies (e.g. killed for memory) fails its own arm only."""
+    context = multiprocessing.get_context("spawn")  # fresh processes: no forked threads, honest peak memory
+    pending, running = list(payloads), {}
+    while pending or running:
+        while pending and len(running) < workers:
+            payload = pending.pop(0)
+            folder = Path(payload["folder"])
+            (folder / FAILURE_NAME).unlink(missing_ok=True)
+            process = context.Process(target=run_arm_process, args=(payload,), name=payload["arm"]["name"])
+            process.start()
+            running[process.sentinel] = (process, payload["arm"]["name"], folder)
+        for sentinel in multiprocessing.connection.wait(list(running)):
+            process, name, folder = running.pop(sentinel)
+            process.join()
+            if (folder / RESULT_NAME).is_file():
+                yield name, _read_json(folder / RESULT_NAME)
+            elif (folder / FAILURE_NAME).is_file():
+                yield name, _read_json(folder / FAILURE_NAME)
+            else:
+                yield name, {"status": "failed", "error": f"the arm's process exited with code {process.exitcode} "
+                                                          "(killed, e.g. out of memory?)"}
+
+
+@contextlib.contextmanager
+def _lock(out: Path) -> Iterator[None]:
+    """One ``ablate`` per output folder at a time (a stale lock of a dead process is taken over)."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / LOCK_NAME
+    text = path.read_text().strip() if path.is_file() else ""
+    pid = int(text) if text.isdigit() else 0
+    if pid and pid != os.getpid() and _alive(pid):
+        raise ConfigError(f"another lily-ssm ablate (process {pid}) is using {out}; wait for it, or delete "
+                          f"{path} if it is gone")
+    write_atomic(path, f"{os.getpid()}\n")
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, belongs to someone else
+        return True
+    return True
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -110,8 +199,8 @@ def _read_json(path: Path) -> dict[str, Any]:
 # One arm, in its own process
 
 
-def run_arm_process(payload: dict[str, Any]) -> dict[str, Any]:
-    """Entry point of an arm's process: run it, write ``result.json``, and report failures as a result."""
+def run_arm_process(payload: dict[str, Any]) -> None:
+    """Entry point of an arm's process: run it and write ``result.json``, or ``failure.json`` if it fails."""
     folder = Path(payload["folder"])
     workers = payload["workers"]
     if workers > 1:
@@ -132,10 +221,10 @@ def run_arm_process(payload: dict[str, Any]) -> dict[str, Any]:
         log(f"== {describe_arm(arm)}")
         result = run_arm(arm, payload["spec"], folder, log, quiet=workers > 1)
         write_atomic(folder / RESULT_NAME, json.dumps(result, indent=1) + "\n")
-        return result
     except Exception as exc:  # reported in the table; the arm is retried on the next run
         log(traceback.format_exc())
-        return {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
+        failure = {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
+        write_atomic(folder / FAILURE_NAME, json.dumps(failure, indent=1) + "\n")
     finally:
         log_file.close()
 
@@ -155,7 +244,7 @@ def _run_language(arm: Arm, sections: dict[str, Any], folder: Path, log: Any,
                   quiet: bool) -> tuple[float, dict[str, float], float]:
     from ..evaluation.commonsense import evaluate_commonsense
     from ..train.config import parse_config
-    from ..train.trainer import run_training
+    from ..train.trainer import run_training, training_seconds
 
     training = {**sections["training"], "output_dir": str(folder / "adapter"), "resume": True}
     if quiet:
@@ -167,7 +256,7 @@ def _run_language(arm: Arm, sections: dict[str, Any], folder: Path, log: Any,
                                    ev["batch_size"], ev["num_beams"], ev["max_new_tokens"], ev["limit"],
                                    output_dir=folder / "eval", log=log)
     per_task = {task: r["accuracy"] for task, r in results["tasks"].items()}
-    return results["average"], per_task, float(trained["metrics"].get("train_runtime", 0.0))
+    return results["average"], per_task, training_seconds(Path(trained["log"]))
 
 
 def _run_vim(arm: Arm, sections: dict[str, Any], tasks: list[str], folder: Path,
@@ -251,9 +340,11 @@ def summary_markdown(config: AblationConfig, arms: list[Arm], rows: list[dict[st
         f"VTAB-1K test accuracy (mean over {', '.join(a.tasks or [])})"
     done = [row["accuracy_pct"] for row in rows if row["accuracy_pct"] != ""]
     best = max(done) if done else None
+    cuda = any(row["peak_cuda_mb"] != "" for row in rows)
+    peak = ("peak CUDA memory allocated by the arm's process" if cuda else "the peak RSS of the arm's process")
     lines = [f"# Ablation: {config.source}", "",
              f"Budget {a.budget:,} adapter parameters per arm (±{a.tolerance:.0%}); accuracy is {measure}; "
-             "peak memory is the peak RSS of the arm's process.", "",
+             f"peak MB is {peak}.", "",
              "| arm | targets | routing | r | A / B | parameters | vs budget | accuracy (%) | train (s) | peak MB |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
@@ -266,7 +357,7 @@ def summary_markdown(config: AblationConfig, arms: list[Arm], rows: list[dict[st
         train = "" if row["train_seconds"] == "" else f"{row['train_seconds']:.0f}"
         lines.append(f"| {row['arm']} | {row['targets']} | {row['routing']} | {row['r']} | {experts} | "
                      f"{row['parameters']:,} | {row['budget_deviation_pct']:+.1f}% | {acc} | {train} | "
-                     f"{row['peak_rss_mb']} |")
+                     f"{row['peak_cuda_mb'] if cuda else row['peak_rss_mb']} |")
     notes = [f"- {arm.name}: {'; '.join(arm.notes)}" for arm in arms if arm.notes]
     if notes:
         lines += ["", "Notes from the budget matcher:", *notes]
