@@ -161,6 +161,20 @@ def test_missing_data_and_a_busy_folder_stop_before_training(assets, tmp_path):
         run_ablation(parse_ablation(language_config(assets, busy)), log=lambda *_: None)
 
 
+def test_an_arm_that_saved_nothing_may_rerun_with_new_training_settings(assets, tmp_path):
+    from lily_ssm.ablation import runner
+
+    config = parse_ablation(language_config(assets, tmp_path, target_sets=["in"], methods=["lora"]))
+    arm = plan_arms(config)[0]
+    folder = tmp_path / arm.name
+    folder.mkdir()
+    (folder / "arm.json").write_text(json.dumps({"spec": {**runner.arm_spec(config, arm), "tasks": ["x"]}}))
+    runner._check_reuse(folder, runner.arm_spec(config, arm), "cfg")  # nothing saved yet: allowed
+    (folder / "adapter" / "checkpoint-2").mkdir(parents=True)
+    with pytest.raises(ConfigError, match="other training settings"):
+        runner._check_reuse(folder, runner.arm_spec(config, arm), "cfg")
+
+
 def test_method_settings_merge_over_the_defaults(assets, tmp_path):
     raw = language_config(assets, tmp_path)
     raw["ablation"]["lily"] = {"router": "global"}

@@ -128,10 +128,13 @@ def check_data(config: AblationConfig) -> None:
 
 
 def _check_reuse(folder: Path, spec: dict[str, Any], source: str) -> None:
-    """Refuse a folder whose checkpoints or result come from other training settings."""
-    for name in (RESULT_NAME, ARM_NAME):
+    """Refuse a folder whose result or checkpoints come from other training settings (an arm that
+    failed before saving anything may be rerun with new ones)."""
+    has_checkpoints = any(folder.rglob("checkpoint-*")) or any(folder.rglob("train_state.json"))
+    for name, binding in ((RESULT_NAME, True), (ARM_NAME, has_checkpoints)):
         path = folder / name
-        if path.is_file() and _training_part(_read_json(path).get("spec") or {"sections": {}}) != _training_part(spec):
+        if binding and path.is_file() and \
+                _training_part(_read_json(path).get("spec") or {"sections": {}}) != _training_part(spec):
             raise ConfigError(f"{path} was written for other training settings than {source} now gives; use another "
                               f"ablation.output_dir, or delete {folder} to run the arm again")
 
