@@ -383,6 +383,22 @@ def test_save_leaves_no_temporary_files(tmp_path):
     assert sorted(os.listdir(tmp_path / "nested")) == ["adapter"]
 
 
+def test_saved_files_get_the_usual_permissions(tmp_path):
+    """Atomic writes go through mkstemp (mode 0600); the result must be readable like any new file."""
+    mask = os.umask(0o022)
+    try:
+        import importlib
+
+        import lily_ssm.utils.atomic as atomic
+
+        importlib.reload(atomic)  # the mode is read from the umask when the module loads
+        atomic.write_atomic(tmp_path / "f.txt", "x")
+        assert (tmp_path / "f.txt").stat().st_mode & 0o777 == 0o644
+    finally:
+        os.umask(mask)
+        importlib.reload(atomic)
+
+
 def test_save_over_existing_adapter_replaces_it(tmp_path):
     ids = input_ids()
     lily_ssm.save_adapter(adapted(config=lora_config()), tmp_path)
