@@ -47,6 +47,16 @@ def randomise_adapter(model: torch.nn.Module, std: float = 0.2, seed: int = 1) -
             param.copy_(torch.randn(param.shape, generator=gen) * std)
 
 
+def language_assets(root, train_per_task: int = 12, test_per_task: int = 3) -> dict:
+    """A briefly pre-trained tiny base (word tokenizer) and generated commonsense data under ``root``."""
+    from lily_ssm.data.synthetic import write_synthetic_commonsense
+    from lily_ssm.models.tiny import build_quickstart_base
+
+    base = build_quickstart_base(root / "base", log=lambda *_: None, steps=2, corpus_size=32, hidden=32, layers=2)
+    data = write_synthetic_commonsense(root / "data", train_per_task=train_per_task, test_per_task=test_per_task)
+    return {"base": str(base), **data}
+
+
 @pytest.fixture
 def falcon():
     return tiny_mamba("falcon")

@@ -7,21 +7,17 @@ import json
 
 import pytest
 import yaml
+from conftest import language_assets
 
 from lily_ssm.ablation import load_ablation, parse_ablation, plan_arms, run_ablation
 from lily_ssm.cli import main as cli
-from lily_ssm.data.synthetic import write_synthetic_commonsense
 from lily_ssm.data.vtab import write_fake_vtab
-from lily_ssm.models.tiny import build_quickstart_base
 from lily_ssm.train.config import ConfigError
 
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ablation-assets")
-    base = build_quickstart_base(root / "base", log=lambda *_: None, steps=2, corpus_size=32, hidden=32, layers=2)
-    data = write_synthetic_commonsense(root / "data", train_per_task=6, test_per_task=2)
-    return {"base": str(base), **data}
+    return language_assets(tmp_path_factory.mktemp("ablation-assets"), train_per_task=6, test_per_task=2)
 
 
 def language_config(assets, out, **ablation):

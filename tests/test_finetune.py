@@ -6,14 +6,12 @@ import json
 
 import pytest
 import torch
-from conftest import randomise_adapter
+from conftest import language_assets, randomise_adapter
 
 import lily_ssm
 from lily_ssm.cli import main as cli
-from lily_ssm.data.synthetic import write_synthetic_commonsense
 from lily_ssm.evaluation.commonsense import evaluate_commonsense
 from lily_ssm.models.loading import load_model_and_tokenizer
-from lily_ssm.models.tiny import build_quickstart_base
 from lily_ssm.quickstart import run_quickstart
 from lily_ssm.train.config import parse_config
 from lily_ssm.train.trainer import LOG_NAME, run_training, training_seconds
@@ -21,10 +19,7 @@ from lily_ssm.train.trainer import LOG_NAME, run_training, training_seconds
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("assets")
-    base = build_quickstart_base(root / "base", log=lambda *_: None, steps=2, corpus_size=32, hidden=32, layers=2)
-    data = write_synthetic_commonsense(root / "data", train_per_task=12, test_per_task=3)
-    return {"base": str(base), **data}
+    return language_assets(tmp_path_factory.mktemp("assets"))
 
 
 def experiment(assets, out, **training):
