@@ -70,32 +70,32 @@ def run_ablation(config: AblationConfig, log: Any = print, dry_run: bool = False
 
 def _run_arms(config: AblationConfig, arms: list[Arm], out: Path, log: Any) -> dict[str, Any]:
     write_atomic(out / "plan.json", json.dumps([arm.to_dict() for arm in arms], indent=1) + "\n")
+    workers = config.ablation.workers
     results: dict[str, dict[str, Any]] = {}
-    todo: list[Arm] = []
+    payloads: list[dict[str, Any]] = []
     for arm in arms:
         spec, folder = arm_spec(config, arm), out / arm.name
         _check_reuse(folder, spec, config.source)
-        if (folder / RESULT_NAME).is_file() and _read_json(folder / RESULT_NAME).get("spec") == spec:
-            results[arm.name] = _read_json(folder / RESULT_NAME)
+        finished = _read_json(folder / RESULT_NAME) if (folder / RESULT_NAME).is_file() else None
+        if finished is not None and finished.get("spec") == spec:
+            results[arm.name] = finished
             log(f"{arm.name}: finished earlier, skipped ({folder / RESULT_NAME})")
             continue
-        if (folder / RESULT_NAME).is_file():
+        if finished is not None:
             log(f"{arm.name}: the evaluation settings changed; evaluating it again (training is resumed)")
             (folder / RESULT_NAME).unlink()
         write_atomic(folder / ARM_NAME, json.dumps({"spec": spec}, indent=1) + "\n")
-        todo.append(arm)
+        payloads.append({"arm": arm.to_dict(), "spec": spec, "folder": str(folder), "workers": workers})
 
-    workers = config.ablation.workers
-    if todo:
-        log(f"running {len(todo)} arm(s), {workers} at a time" + (" (logs in <arm>/log.txt)" if workers > 1 else ""))
+    if payloads:
+        log(f"running {len(payloads)} arm(s), {workers} at a time"
+            + (" (logs in <arm>/log.txt)" if workers > 1 else ""))
     start = time.perf_counter()
-    payloads = [{"arm": arm.to_dict(), "spec": arm_spec(config, arm), "folder": str(out / arm.name),
-                 "workers": workers} for arm in todo]
     for done, (name, result) in enumerate(_run_processes(payloads, workers), 1):
         results[name] = result
         status = f"{100 * result['accuracy']:.1f}% accuracy, {result['train_seconds']:.0f}s training" \
             if result["status"] == "finished" else f"FAILED: {result['error']}"
-        log(f"[{done}/{len(todo)}] {name}: {status} ({time.perf_counter() - start:.0f}s elapsed)")
+        log(f"[{done}/{len(payloads)}] {name}: {status} ({time.perf_counter() - start:.0f}s elapsed)")
         write_tables(config, arms, results)
     rows = write_tables(config, arms, results)
     log("\n" + (out / "summary.md").read_text())
