@@ -14,11 +14,20 @@ projection through its module, so adapters on ``in_proj``, ``x_proj(_b)``, ``dt_
 scan together with ``delta_bias``; the scan and the convolution go through :mod:`lily_ssm.ops`
 (CUDA kernels when present, PyTorch otherwise).
 
-Blocks are written as a plain pre-norm residual, ``x = x + mixer(norm(x))``, followed by
-``norm_f(x)``. Vim's fused "add + norm" blocks (``residual = residual + hidden; hidden =
-mixer(norm(residual))``, ``norm_f(residual + hidden)``) compute the same function; the only
-differences are numerical (Vim keeps the residual stream in fp32 when ``residual_in_fp32``) and
-Vim's stochastic depth (drop path), which is not implemented here.
+Patches come from a ``patch_size`` convolution with ``stride`` (default ``patch_size``): the "+"
+checkpoints (Vim-Ti+/S+, ``*_patch16_stride8_224_*``) use stride 8, giving 27x27 = 729 patches at
+224 px. :func:`load_vim_checkpoint` infers ``(img_size, patch_size, stride)`` from ``pos_embed`` and
+the patch kernel.
+
+Blocks are written as a pre-norm residual, ``residual = residual + mixer(norm(residual))``, followed by
+``norm_f(residual)``. Vim's fused "add + norm" blocks (``residual = residual + hidden; hidden =
+mixer(norm(residual))``, ``norm_f(residual + hidden)``) compute the same function. As in Vim
+(``residual_in_fp32=True``), the residual stream is fp32 whatever the compute dtype (a bf16 model or
+autocast): the additions accumulate in fp32, each norm reads the fp32 residual and hands the mixer
+its output in the compute dtype (the patch embedding's dtype), and ``norm_f``'s output is cast to it
+too before the head. One small difference: the patch embedding, cls token and ``pos_embed`` are summed
+in fp32 here (Vim sums them in the model's dtype). Vim's stochastic depth (drop path) is not
+implemented.
 """
 
 from __future__ import annotations
@@ -27,7 +36,7 @@ import math
 import re
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -42,10 +51,15 @@ class VimCheckpointError(ValueError):
 
 @dataclass
 class VimConfig:
-    """Hyper-parameters of a Vision Mamba; ``dt_rank="auto"`` resolves to ``ceil(embed_dim / 16)``."""
+    """Hyper-parameters of a Vision Mamba.
+
+    ``dt_rank="auto"`` resolves to ``ceil(embed_dim / 16)`` and ``stride=None`` to ``patch_size``; the
+    patch grid is ``(img_size - patch_size) // stride + 1`` per side (Vim's ``PatchEmbed``).
+    """
 
     img_size: int = 224
     patch_size: int = 16
+    stride: int | None = None  # of the patch convolution; None means patch_size (no overlap)
     in_chans: int = 3
     embed_dim: int = 192
     depth: int = 24
@@ -61,8 +75,16 @@ class VimConfig:
             self.dt_rank = math.ceil(self.embed_dim / 16)
         if not isinstance(self.dt_rank, int) or self.dt_rank <= 0:
             raise ValueError(f"dt_rank must be a positive int or 'auto', got {self.dt_rank!r}")
-        if self.img_size % self.patch_size:
-            raise ValueError(f"img_size={self.img_size} is not a multiple of patch_size={self.patch_size}")
+        if self.stride is None:
+            self.stride = self.patch_size
+        for name in ("img_size", "patch_size", "stride"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.img_size < self.patch_size or (self.img_size - self.patch_size) % self.stride:
+            raise ValueError(f"img_size={self.img_size}, patch_size={self.patch_size}, stride={self.stride}: "
+                             f"img_size - patch_size must be a non-negative multiple of stride "
+                             f"(e.g. img_size={_fit_img_size(self.img_size, self.patch_size, self.stride)})")
 
     @property
     def d_inner(self) -> int:
@@ -70,7 +92,8 @@ class VimConfig:
 
     @property
     def grid_size(self) -> int:
-        return self.img_size // self.patch_size
+        """Patches per side, ``(img_size - patch_size) // stride + 1``."""
+        return _grid_size(self.img_size, self.patch_size, self.stride)
 
     @property
     def num_patches(self) -> int:
@@ -80,13 +103,23 @@ class VimConfig:
         return asdict(self)
 
 
+def _grid_size(img_size: int, patch_size: int, stride: int) -> int:
+    return (img_size - patch_size) // stride + 1
+
+
+def _fit_img_size(img_size: int, patch_size: int, stride: int) -> int:
+    """The nearest image size at or above ``patch_size`` that the patch grid covers exactly."""
+    steps = max(0, round((img_size - patch_size) / stride))
+    return patch_size + steps * stride
+
+
 def vim_tiny(**overrides: Any) -> VimConfig:
-    """Vim-Ti: embed 192, depth 24 (d_inner 384, dt_rank 12)."""
+    """Vim-Ti: embed 192, depth 24 (d_inner 384, dt_rank 12); Vim-Ti+ is ``vim_tiny(stride=8)``."""
     return VimConfig(**{"embed_dim": 192, "depth": 24, **overrides})
 
 
 def vim_small(**overrides: Any) -> VimConfig:
-    """Vim-S: embed 384, depth 24 (d_inner 768, dt_rank 24)."""
+    """Vim-S: embed 384, depth 24 (d_inner 768, dt_rank 24); Vim-S+ is ``vim_small(stride=8)``."""
     return VimConfig(**{"embed_dim": 384, "depth": 24, **overrides})
 
 
@@ -174,22 +207,31 @@ class VimMixer(nn.Module):
 
 
 class VimBlock(nn.Module):
-    """Pre-norm residual block: ``x + mixer(norm(x))``."""
+    """Pre-norm residual block with an fp32 residual: ``residual + mixer(norm(residual))``."""
 
     def __init__(self, config: VimConfig) -> None:
         super().__init__()
         self.norm = RMSNorm(config.embed_dim, config.norm_eps)
         self.mixer = VimMixer(config.embed_dim, config.d_state, config.d_conv, config.expand, config.dt_rank)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.mixer(self.norm(x))
+    def forward(self, residual: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``residual (batch, seqlen, d_model)`` -> the next residual, always fp32.
+
+        The mixer gets ``norm(residual)`` in ``dtype`` (default: ``residual``'s dtype); its output is
+        added in fp32, as Vim's fused add + norm does with ``residual_in_fp32``.
+        """
+        dtype = dtype or residual.dtype
+        residual = residual.float()
+        return residual + self.mixer(self.norm(residual).to(dtype)).float()
 
 
 class PatchEmbed(nn.Module):
+    """``patch_size`` convolution with ``stride``: ``(batch, chans, img, img) -> (batch, grid**2, embed_dim)``."""
+
     def __init__(self, config: VimConfig) -> None:
         super().__init__()
         self.img_size = config.img_size
-        self.proj = nn.Conv2d(config.in_chans, config.embed_dim, config.patch_size, stride=config.patch_size)
+        self.proj = nn.Conv2d(config.in_chans, config.embed_dim, config.patch_size, stride=config.stride)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         if pixel_values.shape[-2:] != (self.img_size, self.img_size):
@@ -200,7 +242,9 @@ class PatchEmbed(nn.Module):
 class VisionMamba(nn.Module):
     """Vim classifier: patches + middle cls token + absolute positions -> bidirectional Mamba blocks.
 
-    The logits come from the final-normed cls token, which sits at position ``num_patches // 2``.
+    The logits come from the final-normed cls token, which sits at position ``num_patches // 2``
+    (Vim's ``token_position = M // 2``; 364 for the 729 patches of a stride-8 model). The residual
+    stream is fp32; the mixers, the final feature and the head run in the patch embedding's dtype.
     """
 
     def __init__(self, config: VimConfig) -> None:
@@ -217,17 +261,19 @@ class VisionMamba(nn.Module):
 
     @property
     def token_position(self) -> int:
+        """Index of the middle cls token in the sequence of ``num_patches + 1`` tokens."""
         return self.config.num_patches // 2
 
     def forward_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """The final-normed cls-token feature, ``(batch, embed_dim)``."""
+        """The final-normed cls-token feature, ``(batch, embed_dim)``, in the patch embedding's dtype."""
         x = self.patch_embed(pixel_values)
-        mid = self.token_position
-        cls = self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype)
-        x = torch.cat([x[:, :mid], cls, x[:, mid:]], dim=1) + self.pos_embed.to(x.dtype)
+        dtype, mid = x.dtype, self.token_position
+        x = x.float()
+        cls = self.cls_token.float().expand(x.shape[0], -1, -1)
+        residual = torch.cat([x[:, :mid], cls, x[:, mid:]], dim=1) + self.pos_embed.float()
         for layer in self.layers:
-            x = layer(x)
-        return self.norm_f(x)[:, mid]
+            residual = layer(residual, dtype)
+        return self.norm_f(residual)[:, mid].to(dtype)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.head(self.forward_features(pixel_values))
@@ -237,6 +283,30 @@ class VisionMamba(nn.Module):
 # Loading the public checkpoints
 
 _LAYER_KEY = re.compile(r"^layers\.(\d+)\.")
+STANDARD_IMG_SIZE = 224  # every public Vim checkpoint (Vim-Ti/S/B and the stride-8 Ti+/S+) is 224 px
+
+
+class VimGeometry(NamedTuple):
+    """Image size, patch (kernel) size and stride of the patch convolution."""
+
+    img_size: int
+    patch_size: int
+    stride: int
+
+    @property
+    def grid_size(self) -> int:
+        return _grid_size(*self)
+
+    def describe(self) -> str:
+        return f"(img_size={self.img_size}, patch_size={self.patch_size}, stride={self.stride}) -> " \
+               f"{self.grid_size}x{self.grid_size}"
+
+
+def standard_vim_geometries(patch_size: int) -> list[VimGeometry]:
+    """The public checkpoints' layouts for a ``patch_size`` kernel: 224 px with stride ``p`` or ``p / 2``."""
+    strides = [patch_size] + ([patch_size // 2] if patch_size % 2 == 0 else [])
+    img = STANDARD_IMG_SIZE
+    return [VimGeometry(img, patch_size, s) for s in strides if img >= patch_size and (img - patch_size) % s == 0]
 
 
 def _extract_state_dict(obj: Any, path: str) -> dict[str, torch.Tensor]:
@@ -252,20 +322,59 @@ def _extract_state_dict(obj: Any, path: str) -> dict[str, torch.Tensor]:
     return dict(state)
 
 
-def infer_vim_config(state_dict: dict[str, torch.Tensor], path: str = "<state dict>") -> VimConfig:
-    """Read a :class:`VimConfig` off the tensor shapes of a Vim state dict."""
-    def need(key: str) -> torch.Tensor:
-        if key not in state_dict:
-            raise VimCheckpointError(f"{path}: cannot infer the Vim config, missing key {key!r}")
-        return state_dict[key]
+def _need(state_dict: dict[str, torch.Tensor], key: str, path: str) -> torch.Tensor:
+    if key not in state_dict:
+        raise VimCheckpointError(f"{path}: cannot infer the Vim config, missing key {key!r}")
+    return state_dict[key]
 
-    patch = need("patch_embed.proj.weight")  # (embed, in_chans, p, p)
-    embed_dim, in_chans, patch_size = patch.shape[0], patch.shape[1], patch.shape[2]
-    num_patches = need("pos_embed").shape[1] - 1
-    grid = math.isqrt(num_patches)
-    if grid * grid != num_patches or patch.shape[2] != patch.shape[3]:
-        raise VimCheckpointError(f"{path}: only square images/patches are supported "
-                                 f"(pos_embed has {num_patches} patch positions, patch {tuple(patch.shape[2:])})")
+
+def _checkpoint_grid(state_dict: dict[str, torch.Tensor], path: str) -> tuple[int, int]:
+    """``(grid, patch_size)`` of a state dict: ``pos_embed`` holds ``grid**2`` patches + the cls token."""
+    patch = _need(state_dict, "patch_embed.proj.weight", path)  # (embed, in_chans, p, p)
+    pos_embed = _need(state_dict, "pos_embed", path)  # (1, grid**2 + 1, embed)
+    num_patches = pos_embed.shape[1] - 1 if pos_embed.dim() == 3 else -1
+    grid = math.isqrt(max(num_patches, 0))
+    if num_patches <= 0 or grid * grid != num_patches or patch.dim() != 4 or patch.shape[2] != patch.shape[3]:
+        raise VimCheckpointError(f"{path}: only square images/patches are supported (pos_embed "
+                                 f"{tuple(pos_embed.shape)}, patch_embed.proj.weight {tuple(patch.shape)})")
+    return grid, patch.shape[2]
+
+
+def infer_vim_geometry(state_dict: dict[str, torch.Tensor], path: str = "<state dict>",
+                       preferred: VimGeometry | None = None) -> VimGeometry:
+    """The ``(img_size, patch_size, stride)`` whose patch grid matches ``pos_embed``.
+
+    Tries ``preferred`` (e.g. from the caller's config) first, then :func:`standard_vim_geometries`
+    of the checkpoint's patch kernel; raises :class:`VimCheckpointError` if none matches.
+    """
+    grid, patch_size = _checkpoint_grid(state_dict, path)
+    tried = [preferred] if preferred is not None else []
+    tried += [g for g in standard_vim_geometries(patch_size) if g != preferred]
+    for geometry in tried:
+        if geometry.patch_size == patch_size and geometry.grid_size == grid:
+            return geometry
+    shape = tuple(state_dict["pos_embed"].shape)
+    raise VimCheckpointError(
+        f"{path}: pos_embed {shape} holds a {grid}x{grid} patch grid, which no (img_size, patch_size, stride) "
+        f"tried gives for the {patch_size}x{patch_size} patch kernel; tried "
+        f"{'; '.join(g.describe() for g in tried) or 'none'}; pass a VimConfig with the checkpoint's img_size "
+        f"and stride, e.g. load_vim_checkpoint(path, VimConfig(img_size=..., patch_size={patch_size}, stride=...))")
+
+
+def infer_vim_config(state_dict: dict[str, torch.Tensor], path: str = "<state dict>",
+                     preferred: VimGeometry | None = None) -> VimConfig:
+    """Read a :class:`VimConfig` off the tensor shapes of a Vim state dict.
+
+    The image size and stride come from :func:`infer_vim_geometry` (a 729-patch ``p16`` checkpoint is
+    224 px with stride 8); the rest from the shapes of the patch kernel, ``A_log``, the projections
+    and the head.
+    """
+    def need(key: str) -> torch.Tensor:
+        return _need(state_dict, key, path)
+
+    geometry = infer_vim_geometry(state_dict, path, preferred)
+    patch = need("patch_embed.proj.weight")
+    embed_dim, in_chans = patch.shape[0], patch.shape[1]
     layers = {int(m.group(1)) for k in state_dict if (m := _LAYER_KEY.match(k))}
     depth = max(layers) + 1 if layers else 0
     A_log = need("layers.0.mixer.A_log")  # (d_inner, d_state)
@@ -274,9 +383,10 @@ def infer_vim_config(state_dict: dict[str, torch.Tensor], path: str = "<state di
         raise VimCheckpointError(f"{path}: d_inner={d_inner} is not a multiple of embed_dim={embed_dim}")
     head = state_dict.get("head.weight")
     return VimConfig(
-        img_size=grid * patch_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim, depth=depth,
-        d_state=d_state, d_conv=need("layers.0.mixer.conv1d.weight").shape[-1], expand=d_inner // embed_dim,
-        dt_rank=need("layers.0.mixer.dt_proj.weight").shape[1], num_classes=head.shape[0] if head is not None else 0,
+        img_size=geometry.img_size, patch_size=geometry.patch_size, stride=geometry.stride, in_chans=in_chans,
+        embed_dim=embed_dim, depth=depth, d_state=d_state, d_conv=need("layers.0.mixer.conv1d.weight").shape[-1],
+        expand=d_inner // embed_dim, dt_rank=need("layers.0.mixer.dt_proj.weight").shape[1],
+        num_classes=head.shape[0] if head is not None else 0,
     )
 
 
@@ -300,13 +410,35 @@ def check_vim_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], 
         raise VimCheckpointError(f"{path} does not match the Vision Mamba{where}:\n  " + "\n  ".join(parts))
 
 
+def _check_geometry(state_dict: dict[str, torch.Tensor], config: VimConfig, path: str) -> None:
+    """Refuse a ``config`` whose patch grid does not match ``pos_embed``, naming a layout that would."""
+    if "pos_embed" not in state_dict or "patch_embed.proj.weight" not in state_dict:
+        return  # check_vim_state_dict names the missing keys
+    given = VimGeometry(config.img_size, config.patch_size, config.stride)
+    grid, patch_size = _checkpoint_grid(state_dict, path)
+    if given.grid_size == grid and patch_size == config.patch_size:
+        return
+    shape = tuple(state_dict["pos_embed"].shape)
+    try:
+        fit = infer_vim_geometry(state_dict, path)
+        hint = f"the checkpoint matches {fit.describe()}; pass a VimConfig with img_size={fit.img_size}, " \
+               f"patch_size={fit.patch_size}, stride={fit.stride}"
+    except VimCheckpointError:
+        hint = "pass a VimConfig with the checkpoint's img_size, patch_size and stride"
+    raise VimCheckpointError(
+        f"{path}: pos_embed {shape} and the {patch_size}x{patch_size} patch kernel hold a {grid}x{grid} patch grid, "
+        f"but the given VimConfig {given.describe()}; {hint}")
+
+
 def load_vim_checkpoint(path: str | Path, config: VimConfig | None = None, *,
                         map_location: str | torch.device = "cpu") -> VisionMamba:
     """Build a :class:`VisionMamba` from a public Vim ``.pth`` file (``{"model": state_dict}``).
 
-    Without ``config`` the architecture is inferred from the tensor shapes; with one, it is checked
-    against them. Keys and shapes are checked strictly (:class:`VimCheckpointError` names every
-    missing/unexpected key and mismatched shape, and the file).
+    Without ``config`` the architecture is inferred from the tensor shapes, the image size and stride
+    from the ``pos_embed`` length and the patch kernel (224 px with stride ``p`` or ``p / 2``, so the
+    stride-8 Vim-Ti+/S+ load as 224-px stride-8 models); other layouts need a ``config``. With one, it
+    is checked against the file. Keys and shapes are checked strictly (:class:`VimCheckpointError`
+    names every missing/unexpected key and mismatched shape, and the file).
     """
     path = str(path)
     obj = torch.load(path, map_location=map_location, weights_only=True)
@@ -315,6 +447,7 @@ def load_vim_checkpoint(path: str | Path, config: VimConfig | None = None, *,
         config = infer_vim_config(state_dict, path)
     else:
         config = replace(config)  # do not share a mutable config with the caller
+        _check_geometry(state_dict, config, path)
     model = VisionMamba(config)
     check_vim_state_dict(model, state_dict, path)
     model.load_state_dict(state_dict, strict=True)
@@ -322,7 +455,8 @@ def load_vim_checkpoint(path: str | Path, config: VimConfig | None = None, *,
 
 
 __all__ = [
-    "RMSNorm", "VIM_PRESETS", "VimBlock", "VimCheckpointError", "VimConfig", "VimMixer", "VisionMamba",
-    "check_vim_state_dict", "infer_vim_config", "load_vim_checkpoint", "vim_base", "vim_small", "vim_tiny",
+    "RMSNorm", "STANDARD_IMG_SIZE", "VIM_PRESETS", "VimBlock", "VimCheckpointError", "VimConfig", "VimGeometry",
+    "VimMixer", "VisionMamba", "check_vim_state_dict", "infer_vim_config", "infer_vim_geometry",
+    "load_vim_checkpoint", "standard_vim_geometries", "vim_base", "vim_small", "vim_tiny",
 ]
 
