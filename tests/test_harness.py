@@ -22,7 +22,7 @@ from lily_ssm.models.tiny import build_quickstart_base  # noqa: E402
 EVAL_DIR = Path(__file__).resolve().parents[1] / "eval"
 TASKS_DIR = EVAL_DIR / "lm_eval_tasks"
 sys.path.insert(0, str(EVAL_DIR))
-from convert_llm_adapters import convert, split_instruction  # noqa: E402
+from convert_llm_adapters import convert  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -95,13 +95,6 @@ def test_bad_adapters_are_clear_errors(assets, tmp_path):
                                   layers=2)
     with pytest.raises(lily_ssm.AdapterLoadError, match="different base model"):
         LilyLM(pretrained=str(other), adapter=assets["random"], dtype="float32")
-
-
-def test_instruction_parsing_for_conversion():
-    question, options = split_instruction(
-        "Please choose the correct solution to the question: how to boil water?\n\nSolution1: heat it\n\n"
-        "Solution2: freeze it\n\nAnswer format: solution1/solution2")
-    assert question == "how to boil water?" and options == ["heat it", "freeze it"]
 
 
 def test_adapter_argument_is_loaded_onto_an_already_adapted_model(assets):
