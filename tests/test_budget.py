@@ -71,6 +71,8 @@ def test_template_errors():
     model = tiny_mamba("falcon")
     with pytest.raises(ValueError, match="budget matching chooses 'r'"):
         match_budget(model, {"method": "lora", "targets": ["in_proj"], "r": 4}, 1000)
+    with pytest.raises(ValueError, match="budget matching chooses 'stride_A'"):
+        match_budget(model, {"method": "lily", "targets": ["in_proj"], "num_A": 2, "num_B": 2, "stride_A": 2}, 1000)
     with pytest.raises(ValueError, match="budget=0"):
         match_budget(model, {"method": "lora", "targets": ["in_proj"]}, 0)
     with pytest.raises(ValueError, match="knows lily and lora"):

@@ -70,6 +70,20 @@ def test_zero_adapter_matches_hf_backend_and_trained_adapter_differs(assets):
     assert not close(random, reference, tol=1e-3)
 
 
+@pytest.mark.parametrize("routing", ["sequence", "batch"])
+def test_scoring_refuses_routing_that_pools_over_the_continuation(assets, tmp_path, routing):
+    """A loglikelihood forward holds context and continuation: sequence / batch mixes would include the
+    answer being scored. Generation is unaffected; allow_lookahead=True scores anyway."""
+    model, _ = load_model_and_tokenizer(assets["base"], dtype="float32")
+    lily_ssm.apply_adapter(model, lily_ssm.LilyConfig(["in_proj"], r=4, num_A=1, num_B=3, routing=routing))
+    adapter = str(lily_ssm.save_adapter(model, tmp_path / routing))
+    with pytest.raises(ValueError, match=f"routing='{routing}'.*steer its own score"):
+        loglikelihoods(LilyLM(pretrained=assets["base"], adapter=adapter, dtype="float32", batch_size=4),
+                       tasks=("piqa_local",))
+    loglikelihoods(LilyLM(pretrained=assets["base"], adapter=adapter, dtype="float32", batch_size=4,
+                          allow_lookahead=True), tasks=("piqa_local",))
+
+
 def test_results_do_not_depend_on_batch_size(assets):
     runs = [loglikelihoods(LilyLM(pretrained=assets["base"], adapter=assets["random"], dtype="float32",
                                   batch_size=size)) for size in (1, 8)]

@@ -125,3 +125,30 @@ def test_bad_overrides_are_named():
     with pytest.raises(ValueError, match="only r, num_A, num_B, scaling"):
         lily_ssm.apply_adapter(tiny_mamba(), lily_ssm.LilyConfig(["in_proj"], r=2, num_A=1, num_B=2,
                                                                  overrides={"in_proj": {"routing": "token"}}))
+
+
+@pytest.mark.parametrize("position", ["input", "after_A"])
+def test_dropout_position(position):
+    """``input`` drops x before A (as PEFT's LoRA does); ``after_A`` drops the rank-r activations, which
+    the router then reads too (the published Vim code)."""
+    model = tiny_mamba("falcon", layers=2)
+    lily_ssm.apply_adapter(model, lily_ssm.LilyConfig(["in_proj"], r=3, num_A=1, num_B=4, routing="token",
+                                                      dropout=0.5, dropout_position=position))
+    randomise_adapter(model)
+    pool = model.lily_ssm_adapter.pools["in_proj"]
+    slot = model.lily_ssm_adapter.groups["in_proj"].modules[0]
+    x = torch.randn(2, 5, 16)
+    pool.train()
+    torch.manual_seed(11)
+    got = pool.delta(x, slot)
+    torch.manual_seed(11)  # the same dropout mask, drawn for the tensor that position drops
+    if position == "input":
+        h = torch.nn.functional.dropout(x, 0.5) @ pool.A[0]
+    else:
+        h = torch.nn.functional.dropout(x @ pool.A[0], 0.5)
+    weights = torch.softmax(h @ pool.router[0].T, dim=-1)
+    expected = sum(weights[..., e:e + 1] * (h @ pool.B[e]) for e in range(4))
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    pool.eval()
+    torch.testing.assert_close(pool.delta(x, slot), naive_lily(x, None, pool.A[0], pool.B, pool.router[0], 1.0,
+                                                               "token"), atol=1e-5, rtol=1e-5)

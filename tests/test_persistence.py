@@ -22,7 +22,7 @@ TARGETS = ["in_proj", "x_proj", "dt_proj", "out_proj"]
 
 
 def lily_config(**kw) -> LilyConfig:
-    values = dict(targets=list(TARGETS), r=4, num_A=2, num_B=3, scaling=0.5,
+    values = dict(targets=list(TARGETS), r=4, num_A=2, num_B=3, scaling=0.5, routing="causal",
                   overrides={"dt_proj": {"r": 2, "num_B": 1}, "out_proj": {"num_A": 3}})
     values.update(kw)
     return LilyConfig(**values)

@@ -137,6 +137,52 @@ def test_gradients_match_peft_lily(peft_pair):
             torch.testing.assert_close(our_r[position], peft_grads[3 + position], atol=1e-4, rtol=1e-4)
 
 
+def _peft_and_ours_with_stride(stride: int, layers: int, ours_config: lily_ssm.LilyConfig):
+    """PEFT Lily with ``stride_A`` and our Lily, sharing base and adapter weights; PEFT's A experts are
+    copied onto ours in PEFT's grouping (layer ℓ uses A number ℓ // stride)."""
+    from peft import LilyConfig as PeftLilyConfig
+    from peft import get_peft_model
+
+    base = tiny_llama(layers=layers)
+    peft_model = get_peft_model(copy.deepcopy(base), PeftLilyConfig(r=4, stride_A=stride, num_B=3,
+                                                                     target_modules=["q_proj"])).eval()
+    ours = lily_ssm.apply_adapter(copy.deepcopy(base), ours_config)
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for param in (p for n, p in peft_model.named_parameters() if "lily_" in n):
+            param.copy_(torch.randn(param.shape, generator=gen) * 0.3)
+        from peft.tuners.lily.layer import LilyLayer
+
+        peft_layers = [m for n, m in peft_model.named_modules() if isinstance(m, LilyLayer)]
+        pool = ours.lily_ssm_adapter.pools["q_proj"]
+        for position, layer in enumerate(peft_layers):
+            pool.A[min(position // stride, pool.A.shape[0] - 1)].copy_(layer.lily_A["default"].weight.T)
+            pool.router[position].copy_(layer.lily_router["default"].weight)
+        pool.B.copy_(peft_layers[0].lily_B["default"].weight.reshape(pool.B.shape))
+    return peft_model, ours
+
+
+def test_stride_grouping_matches_peft_where_no_num_a_does():
+    """6 layers, stride_A=4: PEFT gives layers 0-3 A number 0 and layers 4-5 A number 1. Balanced blocks
+    (floor(ℓ·num_A/L)) cannot express that; ``stride_A=4`` can, and gives PEFT's logits."""
+    inputs = _parity_inputs("left_padded")
+    config = {"targets": ["q_proj"], "r": 4, "num_A": 2, "num_B": 3, "routing": "batch"}
+    peft_model, ours = _peft_and_ours_with_stride(4, 6, lily_ssm.LilyConfig(**config, stride_A=4))
+    with torch.no_grad():
+        expected = peft_model(**inputs).logits
+        torch.testing.assert_close(ours(**inputs).logits, expected, atol=1e-5, rtol=0)
+        for num_a in range(1, 7):  # no balanced grouping reproduces PEFT's
+            _, balanced = _peft_and_ours_with_stride(4, 6, lily_ssm.LilyConfig(**{**config, "num_A": num_a}))
+            assert (balanced(**inputs).logits - expected).abs().max() > 1e-3, num_a
+
+
+def test_stride_a_needs_the_matching_num_a():
+    with pytest.raises(ValueError, match=r"stride_A=4 for target 'q_proj' groups its 6 layers into 2 A experts.*"
+                                         r"set num_A=2, not 3"):
+        lily_ssm.apply_adapter(tiny_llama(layers=6), lily_ssm.LilyConfig(["q_proj"], r=2, num_A=3, num_B=2,
+                                                                         stride_A=4))
+
+
 # --------------------------------------------------------------------------------------------------
 # 2. Injection into LLaMA, RoBERTa and ViT
 # --------------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from ..train.config import (
     parse_sections,
     read_yaml,
 )
-from ..tuners.lily.config import ROUTING_MODES
+from ..tuners.lily.config import ROUTING_MODES, lookahead_problem
 
 PATHS = ("language", "vim")
 METHODS = ("lily", "lora")
@@ -155,6 +155,13 @@ def parse_ablation(raw: Any, source: str = "<dict>") -> AblationConfig:
             raise ConfigError(f"{source}: model.preset={sections['model'].preset!r}; presets: {', '.join(VIM_PRESETS)}")
     config = AblationConfig(ablation, values, source)
     config.target_sets()
+    if ablation.path == "language" and "lily" in ablation.methods:  # refuse a leaking arm before any trains
+        for mode in config.routing_modes():
+            problem = lookahead_problem(mode, ablation.lily.get("allow_lookahead", False),
+                                        sections["data"].train_on_inputs)
+            if problem:
+                raise ConfigError(f"{source}: ablation.routing has {mode!r} with data.train_on_inputs="
+                                  f"{sections['data'].train_on_inputs}: {problem}")
     return config
 
 

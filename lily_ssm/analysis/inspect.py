@@ -52,6 +52,10 @@ class TargetType:
     def r(self) -> int:
         return self.A.shape[-1]
 
+    def a_group(self, position: int) -> int:
+        """The A expert the layer at ``position`` uses."""
+        return a_group(position, self.num_layers, self.A.shape[0], self.values.get("stride_A"))
+
 
 @dataclass
 class SavedAdapter:
@@ -121,9 +125,8 @@ def adapter_ranks(adapter: SavedAdapter, rtol: float = DEFAULT_RTOL) -> dict[str
                 rows.append({"slot": slot, "position": position, "median": rank, "min": rank, "max": rank,
                              "samples": None, "mix": "lora"})
         else:
-            num_a = t.A.shape[0]
             for slot, position in t.slots:
-                group = a_group(position, t.num_layers, num_a)
+                group = t.a_group(position)
                 weights = adapter.mixes.get(slot) if t.router is not None else None
                 values = lily_sample_ranks(t.A[group], t.B, weights, scaling, rtol).double()
                 mix = "single B" if t.router is None else ("per-sample" if weights is not None else "uniform")
@@ -368,7 +371,7 @@ def plot_structure(adapter: SavedAdapter, path: str | Path) -> Path:
         num_a = t.A.shape[0]
         onehot = torch.zeros(len(t.slots), num_a)
         for row, (_, position) in enumerate(t.slots):
-            onehot[row, a_group(position, t.num_layers, num_a)] = 1.0
+            onehot[row, t.a_group(position)] = 1.0
         ax = axes[0][column]
         ax.imshow(onehot.numpy(), aspect="auto", cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
         ax.set_title(f"{t.key}: A expert per layer (num_A={num_a})", fontsize=9)

@@ -6,7 +6,9 @@ Importing this module registers the backend (``lily-ssm lm-eval`` does it for yo
 — dtype, device, batch_size, max_length, loglikelihood, rolling loglikelihood, generation — is HFLM's.
 One addition: HFLM scores loglikelihood requests in right-padded batches without an attention mask;
 this backend passes the mask, so Lily's routers ignore the padding and results do not depend on
-the batch size.
+the batch size. And one refusal: a loglikelihood request feeds context and continuation in one
+forward, so ``sequence`` / ``batch`` routing would let the continuation steer its own score; such
+adapters are scored only with ``allow_lookahead`` set (generation tasks are fine).
 """
 
 from __future__ import annotations
@@ -23,13 +25,18 @@ from lm_eval.models.huggingface import HFLM
 
 from ..models.loading import resolve_model_path
 from ..persistence import load_adapter
+from ..tuners.lily.config import LOOKAHEAD_MODES
+from ..tuners.model import ADAPTER_ATTR
 
 
 @register_model("lily")
 class LilyLM(HFLM):
-    """``HFLM`` plus ``adapter=<folder>`` (a lily-ssm adapter; optional, to score the base alone)."""
+    """``HFLM`` plus ``adapter=<folder>`` (a lily-ssm adapter; optional, to score the base alone) and
+    ``allow_lookahead=True`` to score a ``sequence`` / ``batch``-routed adapter anyway."""
 
-    def __init__(self, pretrained: Any, adapter: str | None = None, **kwargs: Any) -> None:
+    def __init__(self, pretrained: Any, adapter: str | None = None, allow_lookahead: bool = False,
+                 **kwargs: Any) -> None:
+        self.allow_lookahead = allow_lookahead
         if adapter is not None and not Path(adapter).is_dir():
             raise FileNotFoundError(f"adapter folder {adapter} does not exist (model_args adapter=...)")
         if isinstance(pretrained, str):
@@ -58,7 +65,19 @@ class LilyLM(HFLM):
             _hf.pad_and_concat = original
             self._row_lengths = None
 
+    def _check_scoring_routing(self) -> None:
+        state = getattr(self.model, ADAPTER_ATTR, None)
+        config = getattr(state, "config", None)
+        routing = getattr(config, "routing", None)
+        if routing in LOOKAHEAD_MODES and not (config.allow_lookahead or self.allow_lookahead):
+            raise ValueError(
+                f"the adapter uses routing={routing!r}: a loglikelihood request scores context and continuation "
+                "in one forward, so its router mix would include the continuation and the answer would steer "
+                "its own score. Score adapters trained with causal routing (the default), use generation "
+                "tasks, or pass model_args allow_lookahead=True to accept this")
+
     def _loglikelihood_tokens(self, requests: Any, disable_tqdm: bool = False, override_bs: int | None = None):
+        self._check_scoring_routing()
         with self._recording_row_lengths():
             return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
 

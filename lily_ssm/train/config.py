@@ -158,7 +158,11 @@ def parse_sections(raw: Any, classes: dict[str, type], source: str) -> tuple[dic
 def parse_config(raw: Any, source: str = "<dict>") -> ExperimentConfig:
     sections, adapter = parse_sections(raw, _SECTIONS, source)
     config = ExperimentConfig(adapter=adapter, source=source, **sections)
-    config.adapter_config()  # validate now, not after the model has loaded
+    adapter_config = config.adapter_config()  # validate now, not after the model has loaded
+    problem = getattr(adapter_config, "lookahead_problem", lambda _: None)(config.data.train_on_inputs)
+    if problem:
+        raise ConfigError(f"{source}: adapter.routing={adapter_config.routing!r} with "
+                          f"data.train_on_inputs={config.data.train_on_inputs}: {problem}")
     return config
 
 

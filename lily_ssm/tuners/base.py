@@ -76,6 +76,11 @@ class AdapterConfig(ABC):
     def validate(self) -> None:
         """Raise ``ValueError`` on a bad field value."""
 
+    def resolve(self, model: nn.Module) -> AdapterConfig:
+        """This config with its model-dependent defaults filled in for ``model`` (e.g. Lily's
+        ``routing="auto"``); what :func:`apply_adapter` records and saves."""
+        return self
+
     def for_target(self, key: str) -> dict[str, Any]:
         """This config's fields with the per-target ``overrides`` for ``key`` applied."""
         values = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "overrides"}

@@ -62,10 +62,10 @@ def match_budget(model: nn.Module, template: dict[str, Any], budget: int, tolera
     if not 0 < tolerance < 1:
         raise ValueError(f"tolerance={tolerance!r}; must be a fraction between 0 and 1, e.g. 0.05")
     template = dict(template)
-    for key in ("r", "overrides"):
+    for key in ("r", "overrides", "stride_A"):
         if template.get(key):
-            raise ValueError(f"budget matching chooses {key!r} itself (one r, num_A, num_B for every target type); "
-                             f"remove {key}={template[key]!r} from the template")
+            raise ValueError(f"budget matching chooses {key!r} itself (one r, num_A, num_B for every target type, "
+                             f"A experts in balanced blocks); remove {key}={template[key]!r} from the template")
         template.pop(key, None)
     method = template.get("method")
     groups = find_targets(model, template.get("targets", []))

@@ -10,7 +10,7 @@ from torch import nn
 
 from ..modules.mamba_mixer import patch_mamba_mixers
 from .base import AdaptedLinear, AdapterConfig, AdapterPool
-from .routing import RoutingContext, install_routing_hooks, remove_routing_hooks
+from .routing import RoutingContext, install_routing_hooks, is_causal_lm, remove_routing_hooks
 from .targets import TargetGroup, find_targets
 
 ADAPTER_ATTR = "lily_ssm_adapter"
@@ -141,6 +141,7 @@ def plan_pools(model: nn.Module, config: AdapterConfig, context: RoutingContext,
     """The target groups of ``config`` in ``model`` and a fresh pool for each, without changing the
     model; ``device`` overrides where the pools are built (``meta`` to only work out shapes)."""
     config.validate()
+    config = config.resolve(model)
     groups = find_targets(model, config.targets)
     config.check_overrides([g.key for g in groups])
     pools: dict[str, AdapterPool] = {}
@@ -155,13 +156,20 @@ def apply_adapter(model: nn.Module, config: AdapterConfig) -> nn.Module:
 
     Mamba mixers (HF ``MambaMixer`` / ``FalconMambaMixer``) get this toolkit's forward, which calls
     every projection through its module, so adapters on ``dt_proj``, ``x_proj`` and ``out_proj`` run.
+    The config's model-dependent defaults are resolved for ``model`` (Lily's ``routing="auto"``); the
+    resolved config is the one recorded and saved. On a causal LM, a training call whose routing would
+    let later tokens steer earlier predictions raises (see ``LilyConfig.lookahead_problem``).
     """
     if not isinstance(config, AdapterConfig):
         raise TypeError(f"config must be a LilyConfig or LoraConfig, got {type(config).__name__}")
     if isinstance(getattr(model, ADAPTER_ATTR, None), AdapterState):
         raise ValueError(f"{type(model).__name__} already has an adapter; apply_adapter works on a base model")
-    context = RoutingContext()
+    config = config.resolve(model)
+    context = RoutingContext(causal_lm=is_causal_lm(model))
     groups, pools = plan_pools(model, config, context)
+    lookahead = getattr(config, "lookahead_problem", None)
+    if context.causal_lm and lookahead is not None and lookahead(train_on_inputs=True) is not None:
+        context.lookahead_problem = lookahead  # checked on every training call
 
     saved = modules_to_save_params(model, list(getattr(config, "modules_to_save", [])))
     base_model = describe_base_model(model)

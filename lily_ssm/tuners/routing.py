@@ -5,6 +5,12 @@ attention mask (padding must not vote) and, during cached decoding, the router s
 tokens already consumed. Forward hooks on the adapted model's top-level module fill a
 :class:`RoutingContext` before each call; the statistics travel with the decoding cache object
 (they are attached to it after each call and reordered with it in beam search).
+
+``sequence`` routing pools over a sample's *prompt*, one definition for training and generation: in
+``generate`` the prompt is the input given; in a causal LM's forward with ``labels`` it is the valid
+tokens without a label (-100), i.e. the prompt when only the response is trained; otherwise every valid
+token. The hooks also refuse, in causal-LM training, a routing mode whose mix would let later tokens
+steer earlier predictions (see :meth:`LilyConfig.lookahead_problem`).
 """
 
 from __future__ import annotations
@@ -45,14 +51,24 @@ class RoutingContext:
     """
 
     mask: torch.Tensor | None = None
+    prompt: torch.Tensor | None = None  # (batch, tokens) bool: the tokens sequence routing pools over
     incoming: dict[str, RouterStats] = field(default_factory=dict)
     outgoing: dict[str, RouterStats] = field(default_factory=dict)
     prefix_len: int | None = None  # set during generate(): sequence routing pools over the prompt only
     recorder: Any = None  # analysis.routing.RouterRecorder while router weights are being recorded
+    causal_lm: bool = False  # set by apply_adapter: labels mark the prompt, later tokens must not leak
+    lookahead_problem: Any = None  # the config's LilyConfig.lookahead_problem, checked in causal-LM training
 
     def token_mask(self, batch: int, tokens: int) -> torch.Tensor | None:
         """The padding mask aligned with a ``(batch, tokens, features)`` input, or None."""
-        mask = self.mask
+        return self._aligned(self.mask, batch, tokens)
+
+    def prompt_mask(self, batch: int, tokens: int) -> torch.Tensor | None:
+        """The tokens sequence routing pools over, aligned like :meth:`token_mask`, or None (all valid)."""
+        return self._aligned(self.prompt, batch, tokens)
+
+    @staticmethod
+    def _aligned(mask: torch.Tensor | None, batch: int, tokens: int) -> torch.Tensor | None:
         if mask is None:
             return None
         if mask.dim() != 2 or mask.shape[0] != batch or mask.shape[1] < tokens:
@@ -92,6 +108,39 @@ class _StatsReorderingCache:
             object.__setattr__(cache, method, wrapped)
 
 
+def is_causal_lm(model: nn.Module) -> bool:
+    """Whether ``model`` predicts each token from the ones before it (a text generator)."""
+    can_generate = getattr(model, "can_generate", None)
+    if callable(can_generate):
+        try:
+            if can_generate():
+                return True
+        except Exception:  # a model's own can_generate may need state it lacks; fall back to the name
+            pass
+    return type(model).__name__.endswith(("ForCausalLM", "LMHeadModel"))
+
+
+def prompt_from_labels(labels: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Per sample, its valid tokens without a label (-100): the prompt when only the response is trained.
+    A sample in which every valid token has a label has no prompt and pools over all its valid tokens."""
+    valid = torch.ones_like(labels, dtype=torch.bool) if mask is None else mask.bool()
+    prompt = valid & (labels == -100)
+    return torch.where(prompt.any(1, keepdim=True), prompt, valid)
+
+
+def _leaks(labels: torch.Tensor, pool: torch.Tensor) -> bool:
+    """Whether a sample pools a token its model is asked to predict, or a later one: logits at position t
+    predict labels[t + 1] and may see inputs up to t, so every pooled position must precede the first
+    predicted token."""
+    t = labels.shape[1]
+    positions = torch.arange(t, device=labels.device).expand_as(labels)
+    target = labels != -100
+    target[:, 0] = False  # labels[0] is never predicted
+    first_target = torch.where(target, positions, t).amin(1)
+    last_pooled = torch.where(pool, positions, -1).amax(1)
+    return bool((target.any(1) & (last_pooled >= first_target)).any())
+
+
 def _find_cache(arguments: dict[str, Any]) -> Any:
     for name in _CACHE_KWARGS:
         if arguments.get(name) is not None:
@@ -119,10 +168,23 @@ class _RoutingHooks:
     def before(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         arguments = {**dict(zip(self.parameter_names, args)), **kwargs}
         mask = arguments.get("attention_mask")
-        self.context.mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        self.context.mask = mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        labels = arguments.get("labels")
+        token_labels = self.context.causal_lm and isinstance(labels, torch.Tensor) and labels.dim() == 2
+        self.context.prompt = prompt_from_labels(labels, mask) if token_labels else None
+        if self.context.lookahead_problem is not None and module.training:
+            self._check_lookahead(labels if token_labels else None)
         cache = _find_cache(arguments)
         self.context.incoming = (getattr(cache, _CACHE_ATTR, None) or {}) if cache is not None else {}
         self.context.outgoing = {}
+
+    def _check_lookahead(self, labels: torch.Tensor | None) -> None:
+        """Raise if this training call's routing lets later tokens steer earlier predictions."""
+        problem = self.context.lookahead_problem(train_on_inputs=False)
+        if problem is None and (labels is None or _leaks(labels, self.context.prompt)):
+            problem = self.context.lookahead_problem(train_on_inputs=True)
+        if problem is not None:
+            raise ValueError(f"causal-LM training with future-token leakage: {problem}")
 
     def after(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         cache = _output_cache(output)

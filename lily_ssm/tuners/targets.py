@@ -231,6 +231,9 @@ def _make_group(key: str, members: list[_Slot]) -> TargetGroup:
     return TargetGroup(key, modules, num_layers, members[0].in_features, members[0].out_features)
 
 
-def a_group(position: int, num_layers: int, num_a: int) -> int:
-    """Which locally shared A expert layer ``position`` uses: contiguous, balanced blocks."""
+def a_group(position: int, num_layers: int, num_a: int, stride: int | None = None) -> int:
+    """Which locally shared A expert layer ``position`` uses: contiguous, balanced blocks, or with
+    ``stride`` blocks of ``stride`` layers (PEFT's ``stride_A`` and the published code)."""
+    if stride is not None:
+        return position // stride
     return position * num_a // num_layers

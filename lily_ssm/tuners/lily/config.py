@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
 import torch
+from torch import nn
 
 from ..base import AdapterConfig, AdapterPool, check_dropout, check_positive_ints
-from ..routing import RoutingContext
+from ..routing import RoutingContext, is_causal_lm
 from ..targets import TargetGroup
 
 ROUTING_MODES = ("sequence", "causal", "token", "batch")
 ROUTER_PLACEMENTS = ("layer", "group", "global")
+DROPOUT_POSITIONS = ("input", "after_A")
+# Modes whose mix for a token depends on tokens after it (see lookahead_problem).
+LOOKAHEAD_MODES = ("sequence", "batch")
 
 
 @dataclass
@@ -26,18 +30,26 @@ class LilyConfig(AdapterConfig):
             gives one A per layer.
         num_B: B experts per target type, shared by all its layers.
         scaling: multiplier on the adapter output.
-        dropout: dropout on the adapter input.
-        routing: ``sequence`` (per sample, mean over valid tokens), ``causal`` (per token, running
-            mean over tokens so far), ``token`` (per token) or ``batch`` (one mix per batch, as the
-            published code and PEFT do; padding counts).
+        dropout: dropout probability, on the adapter input (``dropout_position="input"``) or on the
+            rank-r activations after A, which the router and B then read (``"after_A"``, the published
+            Vim code).
+        routing: ``causal`` (per token, running mean over tokens so far), ``sequence`` (per sample, mean
+            over its prompt: the valid tokens that carry no label), ``token`` (per token) or ``batch``
+            (one mix per batch, as the published code and PEFT do; padding counts). ``auto`` (the
+            default) is ``causal`` for causal LMs and ``sequence`` for other models.
         router: one router per ``layer``, per A ``group``, or one ``global`` router per target type.
-        overrides: per-target-type values of ``r``, ``num_A``, ``num_B``, ``scaling``.
+        stride_A: group layers into A experts as PEFT and the published code do, layer ℓ using A
+            number ``ℓ // stride_A``; ``num_A`` must then be ``ceil(L / stride_A)``. ``None`` (the
+            default) gives the balanced blocks above.
+        allow_lookahead: permit ``sequence`` / ``batch`` routing where later tokens steer earlier
+            outputs of a causal LM in training (only to reproduce the published code).
+        overrides: per-target-type values of ``r``, ``num_A``, ``num_B``, ``scaling``, ``stride_A``.
         modules_to_save: modules (name suffixes, e.g. ``["head"]``) trained in full and saved with the
             adapter, such as a new classifier head.
     """
 
     method: ClassVar[str] = "lily"
-    overridable: ClassVar[tuple[str, ...]] = ("r", "num_A", "num_B", "scaling")
+    overridable: ClassVar[tuple[str, ...]] = ("r", "num_A", "num_B", "scaling", "stride_A")
 
     targets: str | list[str]
     r: int
@@ -45,18 +57,37 @@ class LilyConfig(AdapterConfig):
     num_B: int
     scaling: float = 1.0
     dropout: float = 0.0
-    routing: str = "sequence"
+    routing: str = "auto"
     router: str = "layer"
+    stride_A: int | None = None
+    dropout_position: str = "input"
+    allow_lookahead: bool = False
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
     modules_to_save: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
-        if self.routing not in ROUTING_MODES:
-            raise ValueError(f"routing={self.routing!r}; valid modes: {', '.join(ROUTING_MODES)}")
+        if self.routing not in (*ROUTING_MODES, "auto"):
+            raise ValueError(f"routing={self.routing!r}; valid modes: {', '.join(ROUTING_MODES)}, or auto")
         if self.router not in ROUTER_PLACEMENTS:
             raise ValueError(f"router={self.router!r}; valid placements: {', '.join(ROUTER_PLACEMENTS)}")
+        if self.dropout_position not in DROPOUT_POSITIONS:
+            raise ValueError(f"dropout_position={self.dropout_position!r}; valid: {', '.join(DROPOUT_POSITIONS)}")
+        if not isinstance(self.allow_lookahead, bool):
+            raise ValueError(f"allow_lookahead={self.allow_lookahead!r}; must be true or false")
         check_dropout(self.dropout)
         check_positive_ints({"r": self.r, "num_A": self.num_A, "num_B": self.num_B})
+        if self.stride_A is not None:
+            check_positive_ints({"stride_A": self.stride_A})
+
+    def resolve(self, model: nn.Module) -> LilyConfig:
+        if self.routing != "auto":
+            return self
+        return replace(self, routing="causal" if is_causal_lm(model) else "sequence")
+
+    def lookahead_problem(self, train_on_inputs: bool | None = None) -> str | None:
+        """Why this config would let later tokens steer earlier predictions when it trains a causal LM,
+        or ``None``; see :func:`lookahead_problem`."""
+        return lookahead_problem(self.routing, self.allow_lookahead, train_on_inputs)
 
     def build_pool(self, group: TargetGroup, context: RoutingContext, dtype: torch.dtype,
                    device: torch.device) -> AdapterPool:
@@ -64,11 +95,20 @@ class LilyConfig(AdapterConfig):
 
         values = self.for_target(group.key)
         check_positive_ints({k: values[k] for k in ("r", "num_A", "num_B")}, f" for target {group.key!r}")
+        where = f" for target {group.key!r}"
         if values["num_A"] > group.num_layers:
             raise ValueError(
-                f"num_A={values['num_A']} for target {group.key!r}, but only {group.num_layers} layers have it; "
+                f"num_A={values['num_A']}{where}, but only {group.num_layers} layers have it; "
                 f"num_A must be between 1 and {group.num_layers}"
             )
+        stride = values["stride_A"]
+        if stride is not None:
+            check_positive_ints({"stride_A": stride}, where)
+            needed = -(-group.num_layers // stride)
+            if values["num_A"] != needed:
+                raise ValueError(f"stride_A={stride}{where} groups its {group.num_layers} layers into {needed} A "
+                                 f"experts (layer ℓ uses A number ℓ // {stride}); set num_A={needed}, not "
+                                 f"{values['num_A']}")
         return LilyPool(
             group,
             r=values["r"],
@@ -76,6 +116,8 @@ class LilyConfig(AdapterConfig):
             num_b=values["num_B"],
             scaling=float(values["scaling"]),
             dropout=self.dropout,
+            dropout_after_a=self.dropout_position == "after_A",
+            stride_a=stride,
             routing=self.routing,
             router=self.router,
             context=context,
@@ -83,3 +125,26 @@ class LilyConfig(AdapterConfig):
             device=device,
         )
 
+
+def lookahead_problem(routing: str, allow_lookahead: bool = False, train_on_inputs: bool | None = None) -> str | None:
+    """Why ``routing`` would let later tokens steer earlier predictions in causal-LM training, or ``None``.
+
+    ``batch`` always does (one mean over every token of the batch). ``sequence`` pools over the prompt
+    (the tokens without a label), which precedes every predicted token when only the response is
+    trained (``train_on_inputs=False``); otherwise its mean spans the sequence. ``causal``, ``token`` and
+    ``auto`` (causal for causal LMs) never do. ``allow_lookahead`` accepts the leak knowingly.
+    """
+    if allow_lookahead or routing not in LOOKAHEAD_MODES:
+        return None
+    if routing == "sequence" and train_on_inputs is False:
+        return None
+    if routing == "batch":
+        leak = ("routing='batch' mixes the B experts with one mean over every token of the batch, so in causal-LM "
+                "training each prediction is steered by later tokens, its own answer included")
+    else:
+        leak = ("routing='sequence' mixes the B experts with the mean over a sample's prompt (its tokens without a "
+                "label); when every token is a training target there is no prompt, the mean spans the whole "
+                "sequence, and each prediction is steered by later tokens, its own answer included")
+    return (f"{leak}. Use routing='causal' (the default for causal LMs); for sequence routing, train on the "
+            "response only (train_on_inputs: false, labels -100 on the prompt); or set allow_lookahead=True to "
+            "reproduce the published code knowingly")

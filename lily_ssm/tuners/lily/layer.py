@@ -18,9 +18,10 @@ class LilyPool(AdapterPool):
 
     def __init__(self, group: TargetGroup, *, r: int, num_a: int, num_b: int, scaling: float, dropout: float,
                  routing: str, router: str, context: RoutingContext, dtype: torch.dtype,
-                 device: torch.device) -> None:
+                 device: torch.device, dropout_after_a: bool = False, stride_a: int | None = None) -> None:
         super().__init__(group)
-        self.r, self.num_a, self.num_b = r, num_a, num_b
+        self.r, self.num_a, self.num_b, self.stride_a = r, num_a, num_b, stride_a
+        self.dropout_after_a = dropout_after_a
         self.scaling, self.routing, self.router_placement = scaling, routing, router
         self.context = context
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -42,7 +43,7 @@ class LilyPool(AdapterPool):
         return kinds
 
     def a_index(self, slot: TargetModule) -> int:
-        return a_group(slot.position, self.group.num_layers, self.num_a)
+        return a_group(slot.position, self.group.num_layers, self.num_a, self.stride_a)
 
     def router_index(self, slot: TargetModule) -> int:
         if self.router_placement == "layer":
@@ -51,7 +52,10 @@ class LilyPool(AdapterPool):
 
     def delta(self, x: torch.Tensor, slot: TargetModule) -> torch.Tensor:
         lead, seq = x.shape[:-1], _as_sequences(x)
-        h = self.dropout(seq.to(self.A.dtype)) @ self.A[self.a_index(slot)]  # (N, T, r)
+        if self.dropout_after_a:  # the router and B read the dropped activations (the published Vim code)
+            h = self.dropout(seq.to(self.A.dtype) @ self.A[self.a_index(slot)])  # (N, T, r)
+        else:
+            h = self.dropout(seq.to(self.A.dtype)) @ self.A[self.a_index(slot)]
         if self.router is None:
             out = h @ self.B[0]
         else:
@@ -78,8 +82,9 @@ def mix_weights(probs: torch.Tensor, routing: str, context: RoutingContext, key:
     """Expert weights from per-token router probabilities ``(N, T, E)``.
 
     Returns ``(E,)`` for ``batch``, ``(N, E)`` for ``sequence`` and ``(N, T, E)`` for ``token`` and
-    ``causal``. ``sequence`` and ``causal`` ignore padding. Given statistics from an earlier cached
-    call, ``causal`` continues its running mean and ``sequence`` keeps that call's (the prompt's) mix.
+    ``causal``. ``sequence`` and ``causal`` ignore padding; ``sequence`` pools over the prompt (see
+    :mod:`lily_ssm.tuners.routing`). Given statistics from an earlier cached call, ``causal`` continues
+    its running mean and ``sequence`` keeps that call's (the prompt's) mix.
     ``masked=False`` ignores the context's attention mask.
     """
     if routing == "token":
@@ -94,6 +99,9 @@ def mix_weights(probs: torch.Tensor, routing: str, context: RoutingContext, key:
         raise ValueError(f"cached router statistics for {key} hold {previous.total.shape[0]} samples, input has {n}")
     if routing == "sequence":
         if previous is None:
+            prompt = context.prompt_mask(n, t) if masked else None
+            if prompt is not None:
+                mask = mask * prompt.to(probs.dtype)[..., None]
             if context.prefix_len is not None and t > context.prefix_len:
                 positions = torch.arange(t, device=probs.device)[None, :, None]
                 mask = mask * (positions < context.prefix_len)
