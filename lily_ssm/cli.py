@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .data.prompts import PROTOCOLS
+
 
 def _quickstart(args: argparse.Namespace) -> int:
     from .quickstart import run_quickstart
@@ -51,14 +53,22 @@ def _eval_commonsense(args: argparse.Namespace) -> int:
     from .evaluation.commonsense import evaluate_commonsense, markdown_table, task_test_file
     from .models.loading import load_model_and_tokenizer
     from .persistence import load_adapter
+    from .train.config import read_experiment_record, recorded_protocol
 
     for task in resolve_tasks(args.tasks):  # bad task names or missing files fail before the model loads
         task_test_file(args.data_root, task)
+    record = read_experiment_record(args.adapter) if args.adapter else None
+    trained = recorded_protocol(record[1]) if record else None
+    protocol = args.protocol or trained or "paper"
+    if trained and protocol != trained:
+        print(f"warning: the adapter was trained with protocol {trained!r} ({record[0]}), evaluating with "
+              f"{protocol!r}: the prompts differ from the ones it was tuned on", file=sys.stderr)
+    print(f"protocol {protocol}" + (f" (the adapter's, from {record[0]})" if record and not args.protocol else ""))
     model, tokenizer = load_model_and_tokenizer(args.model, args.dtype, args.device_map)
     if args.adapter:
         load_adapter(model, args.adapter)
     results = evaluate_commonsense(model, tokenizer, args.data_root, args.tasks, args.batch_size, args.num_beams,
-                                   args.max_new_tokens, args.limit, args.output)
+                                   args.max_new_tokens, args.limit, args.output, protocol=protocol)
     print()
     print(markdown_table({"accuracy (%)": results}))
     if args.output:
@@ -125,9 +135,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--tasks", default=None,
                     help="comma-separated subset of boolq,piqa,social_i_qa,hellaswag,winogrande,ARC-Easy,"
                          "ARC-Challenge,openbookqa (default: all eight)")
+    ev.add_argument("--protocol", choices=PROTOCOLS, default=None,
+                    help="paper: the published evaluator's prompt, 4 beams, answer after '### Response:'; clean: "
+                         "lily-ssm's one template, greedy (default: the adapter's training protocol, else paper)")
     ev.add_argument("--batch-size", type=int, default=16)
-    ev.add_argument("--num-beams", type=int, default=1, help="1 = greedy (default)")
-    ev.add_argument("--max-new-tokens", type=int, default=32)
+    ev.add_argument("--num-beams", type=int, default=None, help="beams (default: the protocol's, 4 for paper, "
+                    "1 = greedy for clean)")
+    ev.add_argument("--max-new-tokens", type=int, default=None, help="default: the protocol's (32)")
     ev.add_argument("--limit", type=int, default=None, help="only the first N items of each task")
     ev.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
     ev.add_argument("--device-map", default=None, help="e.g. auto or cuda:0 (default: CPU)")

@@ -39,6 +39,24 @@ def tiny_llama(layers: int = 4, seed: int = 0) -> torch.nn.Module:
     return LlamaForCausalLM(config).eval()
 
 
+def byte_level_falcon(seed: int = 0):
+    """A tiny random Falcon-Mamba over a byte-level tokenizer that gives every text back as written."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import FalconMambaConfig, FalconMambaForCausalLM, PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<eos>": 1, **{c: i + 2 for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>",
+                                        bos_token="<eos>")
+    torch.manual_seed(seed)
+    config = FalconMambaConfig(vocab_size=len(vocab), hidden_size=16, state_size=4, num_hidden_layers=2,
+                               intermediate_size=32, time_step_rank=4, conv_kernel=4, pad_token_id=0,
+                               eos_token_id=1, bos_token_id=1)
+    return FalconMambaForCausalLM(config).eval(), tokenizer
+
+
 def randomise_adapter(model: torch.nn.Module, std: float = 0.2, seed: int = 1) -> None:
     """Give every adapter tensor non-zero values (B starts at zero)."""
     gen = torch.Generator().manual_seed(seed)

@@ -25,7 +25,7 @@ def language_config(assets, out, **ablation):
         "ablation": {"output_dir": str(out), "budget": 3000, "methods": ["lily", "lora"],
                      "target_sets": ["in", "in.x"], "lily": {"num_A": 2, "num_B": 2}, "workers": 2, **ablation},
         "model": {"name_or_path": assets["base"], "dtype": "float32"},
-        "data": {"train_file": assets["train_file"], "cutoff_len": 64, "val_set_size": 0},
+        "data": {"train_file": assets["train_file"], "cutoff_len": 64, "val_set_size": 0, "protocol": "clean"},
         "training": {"max_steps": 3, "batch_size": 4, "micro_batch_size": 4, "learning_rate": 1e-2,
                      "warmup_steps": 0, "save_steps": 2, "logging_steps": 1, "progress_bar": False},
         "evaluation": {"data_root": assets["root"], "tasks": "boolq,piqa", "batch_size": 4, "max_new_tokens": 4},

@@ -8,43 +8,132 @@ from pathlib import Path
 import pytest
 
 from lily_ssm.data.commonsense import DataError, read_rows, tokenize_row
-from lily_ssm.data.prompts import TASKS, build_prompt, resolve_tasks
+from lily_ssm.data.prompts import (
+    TASKS,
+    evaluation_prompt,
+    is_correct,
+    resolve_tasks,
+    response_text,
+    training_prompt,
+)
 from lily_ssm.train.config import ConfigError, load_config
 
 CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 
-def test_prompt_with_and_without_input():
-    plain = build_prompt("Pick one.", "", "the correct answer is true")
-    assert plain.startswith("Below is an instruction that describes a task. Write a response")
-    assert "### Input:" not in plain
-    assert plain.endswith("### Instruction:\nPick one.\n\n### Response:\nthe correct answer is true")
-    with_input = build_prompt("Pick one.", "some context")
-    assert "paired with an input that provides further context" in with_input
+# The published scripts' prompts (LLM-Adapters finetune.py / commonsense_evaluate.py, the Lily authors'
+# finetune_mamba.py / evaluate_mamba.py), written out literally: 16-space indents from the f-strings, blank
+# lines of 16 spaces in the training template, empty ones in the evaluation template.
+PAPER_TRAIN_NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.  \n"
+    "\n"
+    "                ### Instruction:\n"
+    "                Pick one.\n"
+    "                \n"
+    "                ### Response:\n"
+    "                the correct answer is true"
+)
+PAPER_TRAIN_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request. \n"
+    "\n"
+    "                ### Instruction:\n"
+    "                Pick one.\n"
+    "                \n"
+    "                ### Input:\n"
+    "                some context\n"
+    "                \n"
+    "                ### Response:\n"
+    "                the correct answer is true"
+)
+PAPER_EVAL_NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request. \n"
+    "\n"
+    "                ### Instruction:\n"
+    "                Pick one.\n"
+    "\n"
+    "                ### Response:\n"
+    "                "
+)
+PAPER_EVAL_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n"
+    "\n"
+    "                ### Instruction:\n"
+    "                Pick one.\n"
+    "\n"
+    "                ### Input:\n"
+    "                some context\n"
+    "\n"
+    "                ### Response:\n"
+    "                "
+)
+
+
+def test_paper_prompts_are_the_published_ones_byte_for_byte():
+    answer = "the correct answer is true"
+    assert training_prompt("Pick one.", "", answer) == PAPER_TRAIN_NO_INPUT
+    assert training_prompt("Pick one.", "some context", answer) == PAPER_TRAIN_WITH_INPUT
+    assert evaluation_prompt("Pick one.", "") == PAPER_EVAL_NO_INPUT
+    assert evaluation_prompt("Pick one.", None) == PAPER_EVAL_NO_INPUT
+    assert evaluation_prompt("Pick one.", "some context") == PAPER_EVAL_WITH_INPUT
+    # the prompt whose tokens train_on_inputs=false masks: the training text with an empty response
+    assert training_prompt("Pick one.", "") == PAPER_TRAIN_NO_INPUT.removesuffix(answer)
+    assert training_prompt("Q {x} {input}", "").count("Q {x} {input}") == 1  # braces in the text stay
+
+
+def test_clean_prompt_is_one_template_for_training_and_evaluation():
+    plain = training_prompt("Pick one.", "", "the correct answer is true", protocol="clean")
+    assert plain == ("Below is an instruction that describes a task. Write a response that appropriately completes "
+                     "the request.\n\n### Instruction:\nPick one.\n\n### Response:\nthe correct answer is true")
+    with_input = evaluation_prompt("Pick one.", "some context", protocol="clean")
     assert "### Input:\nsome context\n\n### Response:\n" in with_input
-
-
-def test_training_text_extends_the_evaluation_prompt():
-    # the model is scored on exactly the text it was trained on, with the response left to generate
-    for inp in ("", "ctx"):
-        assert build_prompt("Q?", inp, "the correct answer is option2").startswith(build_prompt("Q?", inp))
+    for inp in ("", "ctx"):  # scored on exactly the text it was trained on, the response left to generate
+        assert training_prompt("Q?", inp, "option2", protocol="clean").startswith(
+            evaluation_prompt("Q?", inp, protocol="clean"))
+    with pytest.raises(ValueError, match="protocol='lily'; protocols: paper, clean"):
+        training_prompt("Q?", protocol="lily")
 
 
 @pytest.mark.parametrize("task,text,expected", [
-    ("boolq", "the correct answer is TRUE", "true"),
+    ("boolq", "the correct answer is TRUE", "TRUE"),  # as written; scoring lower-cases it
     ("boolq", "false, no wait, true", "false"),
     ("boolq", "I am not sure", ""),
-    ("piqa", "the correct answer is Solution2", "solution2"),
+    ("piqa", "the correct answer is Solution2", "Solution2"),
     ("social_i_qa", "answer3 or answer1", "answer3"),
     ("hellaswag", "the correct answer is ending4.", "ending4"),
     ("hellaswag", "the correct answer is ending5", ""),
-    ("winogrande", "OPTION1", "option1"),
+    ("winogrande", "OPTION1", "OPTION1"),
     ("ARC-Easy", "answer5", "answer5"),
     ("ARC-Challenge", "the correct answer is", ""),
     ("openbookqa", "answer2answer4", "answer2"),
+    ("piqa", "\u017folution1, no: solution2", "\u017folution1"),  # re.IGNORECASE matches the long s
+    ("winogrande", "  OPTİON2 ", "OPTİON2"),  # ... and the dotted capital I
 ])
-def test_answer_extraction_first_match_any_case(task, text, expected):
+def test_answer_extraction_is_the_published_first_case_insensitive_match(task, text, expected):
     assert TASKS[task].extract(text) == expected
+
+
+@pytest.mark.parametrize("answer,predicted,paper,clean", [
+    ("true", "TRUE", True, True),
+    ("solution2", "\u017folution1", False, False),
+    ("option2", "OPTİON2", False, False),  # "OPTİON2".lower() is "opti̇on2": the published check says wrong
+    (" true", "true", False, True),  # the published check compares the gold label as stored
+    ("", "", True, True),
+])
+def test_scoring_rule(answer, predicted, paper, clean):
+    assert is_correct(answer, predicted, "paper") is paper
+    assert is_correct(answer, predicted, "clean") is clean
+
+
+def test_paper_reads_the_answer_after_the_first_response_marker():
+    decoded = PAPER_EVAL_NO_INPUT + "the correct answer is answer1\n\n### Response:\nanswer2"
+    assert response_text(decoded, "unused", "paper") == "the correct answer is answer1"
+    late = PAPER_EVAL_NO_INPUT + "hmm\n### Response: the correct answer is answer2"
+    assert TASKS["ARC-Easy"].extract(response_text(late, "unused", "paper")) == ""  # cut at the second marker
+    assert TASKS["ARC-Easy"].extract(response_text(late, "hmm ### Response: answer2", "clean")) == "answer2"
+    with pytest.raises(ValueError, match="holds no '### Response:'.*Use protocol clean"):
+        response_text("below is an instruction ### response : true", "true", "paper")
 
 
 def test_task_names_are_checked():
@@ -99,11 +188,13 @@ class CharTokenizer:
         return {"input_ids": ids}
 
 
-def test_loss_masking_of_the_prompt():
+@pytest.mark.parametrize("protocol", ["paper", "clean"])
+def test_loss_masking_of_the_prompt(protocol):
     tok = CharTokenizer()
     row = {"instruction": "Q?", "input": "", "output": "yes"}
-    prompt_len = len(build_prompt("Q?", ""))
-    masked = tokenize_row(row, tok, cutoff_len=1000, train_on_inputs=False)
+    masked = tokenize_row(row, tok, cutoff_len=1000, train_on_inputs=False, protocol=protocol)
+    prompt_len = len(training_prompt("Q?", "", protocol=protocol))
+    assert masked["input_ids"][:-1] == [ord(c) for c in training_prompt("Q?", "", "yes", protocol=protocol)]
     assert masked["labels"][:prompt_len] == [-100] * prompt_len
     assert masked["labels"][prompt_len:] == [ord("y"), ord("e"), ord("s"), 0]  # response + EOS learned
     full = tokenize_row(row, tok, cutoff_len=1000, train_on_inputs=True)

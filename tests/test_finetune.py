@@ -113,6 +113,7 @@ def test_evaluation_does_not_depend_on_batch_size(assets, tmp_path):
     for batch in (1, 7):
         out = tmp_path / f"b{batch}"
         evaluate_commonsense(model, tokenizer, assets["root"], batch_size=batch, max_new_tokens=6, output_dir=out,
+                             protocol="clean",
                              log=lambda *_: None)
         runs[batch] = {p.name: p.read_text() for p in sorted((out / "predictions").iterdir())}
     assert runs[1] == runs[7] and len(runs[1]) == 8

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import byte_level_falcon
 
 lm_eval = pytest.importorskip("lm_eval")
 
@@ -344,22 +345,10 @@ def test_loader_reads_google_boolq_answers_and_rejects_unknown_fields(tmp_path, 
 
 def _byte_level_lm():
     """A tiny random Falcon-Mamba over a byte-level tokenizer (every character counts), as an lm-eval HFLM."""
-    import torch
     from lm_eval.models.huggingface import HFLM
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import FalconMambaConfig, FalconMambaForCausalLM, PreTrainedTokenizerFast
 
-    vocab = {"<pad>": 0, "<eos>": 1, **{c: i + 2 for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}}
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    backend.decoder = decoders.ByteLevel()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>",
-                                        bos_token="<eos>")
-    torch.manual_seed(0)
-    config = FalconMambaConfig(vocab_size=len(vocab), hidden_size=16, state_size=4, num_hidden_layers=2,
-                               intermediate_size=32, time_step_rank=4, conv_kernel=4, pad_token_id=0,
-                               eos_token_id=1, bos_token_id=1)
-    return HFLM(pretrained=FalconMambaForCausalLM(config).eval(), tokenizer=tokenizer, batch_size=16)
+    model, tokenizer = byte_level_falcon()
+    return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=16)
 
 
 def test_loglikelihoods_and_accuracy_equal_the_builtin_tasks(world):

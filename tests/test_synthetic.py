@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 
-from lily_ssm.data.prompts import TASKS, build_prompt
+from lily_ssm.data.prompts import TASKS, training_prompt
 from lily_ssm.data.synthetic import (
     CATEGORY_OF,
     NUM_OPTIONS,
@@ -108,7 +108,7 @@ def test_write_synthetic_commonsense_layout_and_disjointness(tmp_path):
 def test_pretraining_corpus_has_format_valid_random_answers():
     corpus = pretraining_corpus(1200, seed=0)
     assert len(corpus) == 1200 and corpus == pretraining_corpus(1200, seed=0)
-    header = build_prompt("").split("###")[0]
+    header = training_prompt("", protocol="clean").split("###")[0]
     prompts = [text for text in corpus if text.startswith(header)]
     assert 600 <= len(prompts) < 1200  # the rest is general knowledge ("the pear is a kind of fruit.")
     by_format = {"/".join(answer_choices(t)): t for t in FOLDERS}
@@ -140,7 +140,9 @@ def test_word_tokenizer_round_trips_answer_phrases():
             assert text == f"the correct answer is {answer}"
             assert TASKS[task].extract(text) == answer
     item = make_task_items("hellaswag", 1, seed=9)[0]
-    assert tok.unk_token_id not in tok(build_prompt(item["instruction"], "", item["output"]))["input_ids"]
+    for protocol in ("paper", "clean"):  # the same words either way: the tokenizer drops spaces
+        text = training_prompt(item["instruction"], "", item["output"], protocol=protocol)
+        assert tok.unk_token_id not in tok(text)["input_ids"]
     with pytest.raises(ValueError, match="non-empty list"):
         build_word_tokenizer([])
 

@@ -65,11 +65,13 @@ class AblationSection:
 
 @dataclass
 class EvaluationSection:
+    """How each language arm is scored; the prompt protocol is the arms' ``data.protocol``."""
+
     data_root: str
     tasks: Any = None  # comma-separated names, a list, or None for all eight
     batch_size: int = 16
-    num_beams: int = 1
-    max_new_tokens: int = 32
+    num_beams: int | None = None  # None: the protocol's (4 for paper, greedy for clean)
+    max_new_tokens: int | None = None  # None: the protocol's (32)
     limit: int | None = None
 
 

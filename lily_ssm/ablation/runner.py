@@ -257,7 +257,7 @@ def _run_language(arm: Arm, sections: dict[str, Any], folder: Path, log: Any,
     ev = sections["evaluation"]
     results = evaluate_commonsense(trained["model"], trained["tokenizer"], ev["data_root"], ev["tasks"],
                                    ev["batch_size"], ev["num_beams"], ev["max_new_tokens"], ev["limit"],
-                                   output_dir=folder / "eval", log=log)
+                                   output_dir=folder / "eval", log=log, protocol=sections["data"]["protocol"])
     per_task = {task: r["accuracy"] for task, r in results["tasks"].items()}
     return results["average"], per_task, training_seconds(Path(trained["log"]))
 

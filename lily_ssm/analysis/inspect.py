@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from ..persistence import CONFIG_NAME, read_adapter
+from ..train.config import EXPERIMENT_NAME
 from ..tuners import config_from_dict
 from ..tuners.targets import a_group
 from ..utils.atomic import atomic_path, write_atomic
@@ -31,7 +32,6 @@ from .rank import DEFAULT_RTOL, lily_sample_ranks, lora_layer_ranks, threshold_t
 from .routing import plot_router_weights, record_router_weights, router_matrix
 
 RESULT_NAME = "result.json"  # written by `lily-ssm vtab` beside each task's adapter
-EXPERIMENT_NAME = "experiment.yaml"  # written by `lily-ssm train` beside the adapter
 DATA_HELP = ("a commonsense JSON/JSONL file, a test-set root with <task>/test.json, builtin:synthetic-commonsense, "
              "or, for a VTAB task folder, the VTAB-1K root")
 
@@ -157,11 +157,11 @@ def _interleave(lists: list[list[Any]], limit: int) -> list[Any]:
     return list(itertools.islice(mixed, limit))
 
 
-def commonsense_prompts(data: str, limit: int) -> list[str]:
-    """Prompts (instruction and input, response left empty) of the first ``limit`` items of a JSON /
-    JSONL file, or of the test sets ``<root>/<task>/test.json`` taken in turn."""
+def commonsense_prompts(data: str, limit: int, protocol: str = "paper") -> list[str]:
+    """Evaluation prompts (of ``protocol``) of the first ``limit`` items of a JSON / JSONL file, or of
+    the test sets ``<root>/<task>/test.json`` taken in turn."""
     from ..data.commonsense import read_rows, resolve_data_root
-    from ..data.prompts import TASKS, build_prompt
+    from ..data.prompts import TASKS, evaluation_prompt
 
     path = resolve_data_root(data)
     if not path.exists():
@@ -174,32 +174,32 @@ def commonsense_prompts(data: str, limit: int) -> list[str]:
             raise FileNotFoundError(f"--data {data} is a folder without <task>/test.json for any of "
                                     f"{', '.join(TASKS)}; give {DATA_HELP}")
         rows = _interleave([read_rows(f, ("instruction",))[:limit] for f in files], limit)
-    return [build_prompt(row["instruction"], row.get("input")) for row in rows]
+    return [evaluation_prompt(row["instruction"], row.get("input"), protocol) for row in rows]
 
 
 def _experiment_model(folder: Path) -> dict[str, Any] | None:
-    """``model`` and ``data.cutoff_len`` of the ``experiment.yaml`` in the folder or its parent (a checkpoint)."""
-    import yaml
+    """``model``, ``data.cutoff_len`` and the prompt protocol of the ``experiment.yaml`` in the folder or its
+    parent (a checkpoint)."""
+    from ..train.config import read_experiment_record, recorded_protocol
 
-    for candidate in (folder / EXPERIMENT_NAME, folder.parent / EXPERIMENT_NAME):
-        if candidate.is_file():
-            try:
-                raw = yaml.safe_load(candidate.read_text()) or {}
-            except yaml.YAMLError as exc:
-                raise ValueError(f"{candidate} is not valid YAML: {exc}") from exc
-            model = (raw.get("model") or {}) if isinstance(raw, dict) else {}
-            if isinstance(model, dict) and model.get("name_or_path"):
-                return {"name_or_path": model["name_or_path"], "dtype": model.get("dtype", "auto"),
-                        "tokenizer": model.get("tokenizer"), "trust_remote_code": bool(model.get("trust_remote_code")),
-                        "cutoff_len": (raw.get("data") or {}).get("cutoff_len", 256), "source": str(candidate)}
-    return None
+    found = read_experiment_record(folder)
+    if found is None:
+        return None
+    candidate, raw = found
+    model = raw.get("model") or {}
+    if not (isinstance(model, dict) and model.get("name_or_path")):
+        return None
+    data = raw.get("data") if isinstance(raw.get("data"), dict) else {}
+    return {"name_or_path": model["name_or_path"], "dtype": model.get("dtype", "auto"),
+            "tokenizer": model.get("tokenizer"), "trust_remote_code": bool(model.get("trust_remote_code")),
+            "cutoff_len": data.get("cutoff_len", 256), "protocol": recorded_protocol(raw), "source": str(candidate)}
 
 
-def _language_model(adapter: SavedAdapter, model: str | None, dtype: str | None) -> tuple[Any, Any, int]:
+def _language_model(adapter: SavedAdapter, model: str | None, dtype: str | None,
+                    experiment: dict[str, Any] | None) -> tuple[Any, Any, int]:
     from ..models.loading import load_model_and_tokenizer
     from ..persistence import load_adapter
 
-    experiment = _experiment_model(adapter.folder)
     if model is None and experiment is None:
         hint = ""
         if adapter.meta["base_model"].get("architecture") == "VisionMamba":
@@ -264,8 +264,10 @@ def record_mixes(adapter: SavedAdapter, data: str, model: str | None = None, lim
         batches = ((pixels,) for pixels, _ in loader)
         source = f"{data} ({task} test)"
     else:
-        prompts = commonsense_prompts(data, limit)  # a bad data path fails before the model loads
-        net, tokenizer, cutoff = _language_model(adapter, model, dtype)
+        experiment = _experiment_model(adapter.folder)
+        protocol = experiment["protocol"] if experiment else "paper"
+        prompts = commonsense_prompts(data, limit, protocol)  # a bad data path fails before the model loads
+        net, tokenizer, cutoff = _language_model(adapter, model, dtype, experiment)
         tokenizer.padding_side = "left"
         batches = (tokenizer(prompts[i:i + batch_size], return_tensors="pt", padding=True, truncation=True,
                              max_length=cutoff) for i in range(0, len(prompts), batch_size))

@@ -1,4 +1,4 @@
-"""Commonsense170K-style data: reading and validating files, tokenising with the shared prompt."""
+"""Commonsense170K-style data: reading and validating files, tokenising with the protocol's prompt."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .prompts import build_prompt
+from .prompts import training_prompt
 
 TRAIN_FIELDS = ("instruction", "output")
 TEST_FIELDS = ("instruction", "answer")
@@ -99,17 +99,18 @@ def load_train_dataset(source: str, val_set_size: int = 0, seed: int = 42):
 
 
 def tokenize_row(row: dict[str, str], tokenizer, cutoff_len: int, train_on_inputs: bool = True,
-                 add_eos: bool = True) -> dict[str, list[int]]:
-    """Token ids of the full prompt + response, cut at ``cutoff_len``; with ``train_on_inputs=False``
-    the prompt's tokens get label -100 so only the response is learned."""
-    full = build_prompt(row["instruction"], row.get("input"), row["output"])
+                 add_eos: bool = True, protocol: str = "paper") -> dict[str, list[int]]:
+    """Token ids of the protocol's training text (prompt + response), cut at ``cutoff_len``, as the
+    published ``finetune.py`` tokenises it; with ``train_on_inputs=False`` the prompt's tokens (the
+    training text with an empty response, tokenised alone) get label -100 so only the response is learned."""
+    full = training_prompt(row["instruction"], row.get("input"), row["output"], protocol)
     ids = tokenizer(full, truncation=True, max_length=cutoff_len, add_special_tokens=True)["input_ids"]
     eos = tokenizer.eos_token_id
     if add_eos and eos is not None and len(ids) < cutoff_len and ids[-1:] != [eos]:
         ids = ids + [eos]
     labels = list(ids)
     if not train_on_inputs:
-        prompt = build_prompt(row["instruction"], row.get("input"))
+        prompt = training_prompt(row["instruction"], row.get("input"), "", protocol)
         n_prompt = len(tokenizer(prompt, truncation=True, max_length=cutoff_len, add_special_tokens=True)["input_ids"])
         labels[:n_prompt] = [-100] * min(n_prompt, len(labels))
     return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}

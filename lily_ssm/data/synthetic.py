@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..utils.atomic import write_atomic
-from .prompts import TASKS, build_prompt
+from .prompts import TASKS, training_prompt
 
 CATEGORIES: dict[str, tuple[str, ...]] = {
     "fruit": ("apple", "banana", "cherry", "grape", "lemon", "mango", "peach", "pear"),
@@ -203,7 +203,8 @@ def pretraining_corpus(n: int, seed: int) -> list[str]:
     for index in range(n - len(texts)):
         task = tasks[index % len(tasks)]
         instruction, _ = _build(task, rng.randrange(NUM_OPTIONS[task]), rng)
-        texts.append(build_prompt(instruction, "", f"the correct answer is {rng.choice(answer_choices(task))}"))
+        texts.append(training_prompt(instruction, "", f"the correct answer is {rng.choice(answer_choices(task))}",
+                                     protocol="clean"))
     rng.shuffle(texts)
     return texts
 
@@ -222,10 +223,11 @@ def _facts(rng: random.Random) -> str:
 
 def vocabulary_texts() -> list[str]:
     """Texts that together hold every word the generated data can contain (to build a tokenizer)."""
-    texts = [" ".join([*CATEGORIES, *CATEGORY_OF, *NAMES, *PLACES]), build_prompt("x", "y", "z"),
+    texts = [" ".join([*CATEGORIES, *CATEGORY_OF, *NAMES, *PLACES]), training_prompt("x", "y", "z", protocol="clean"),
              _facts(random.Random(0)), "the correct answer is"]
     for task, spec in SPECS.items():
         options = [spec.option.format(item="")] * spec.num_options
-        texts.append(build_prompt(_instruction(task, "", options), "", " ".join(answer_choices(task))))
+        texts.append(training_prompt(_instruction(task, "", options), "", " ".join(answer_choices(task)),
+                                     protocol="clean"))
         texts.extend(q.format(name="", place="", thing="") for q in spec.questions)
     return texts

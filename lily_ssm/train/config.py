@@ -9,7 +9,10 @@ from typing import Any
 
 import yaml
 
+from ..data.prompts import PROTOCOLS
 from ..tuners import AdapterConfig, config_from_dict
+
+EXPERIMENT_NAME = "experiment.yaml"  # written by `lily-ssm train` beside the adapter it trains
 
 
 class ConfigError(ValueError):
@@ -32,6 +35,7 @@ class DataSection:
     val_set_size: int = 120
     train_on_inputs: bool = True
     add_eos: bool = True
+    protocol: str = "paper"  # paper: the published prompts, left padding, best checkpoint by eval loss
 
 
 @dataclass
@@ -158,6 +162,10 @@ def parse_sections(raw: Any, classes: dict[str, type], source: str) -> tuple[dic
 def parse_config(raw: Any, source: str = "<dict>") -> ExperimentConfig:
     sections, adapter = parse_sections(raw, _SECTIONS, source)
     config = ExperimentConfig(adapter=adapter, source=source, **sections)
+    if config.data.protocol not in PROTOCOLS:
+        raise ConfigError(f"{source}: data.protocol={config.data.protocol!r}; protocols: {', '.join(PROTOCOLS)}")
+    if config.training.bf16 and config.training.fp16:
+        raise ConfigError(f"{source}: training.bf16 and training.fp16 are both true; choose one precision")
     adapter_config = config.adapter_config()  # validate now, not after the model has loaded
     problem = getattr(adapter_config, "lookahead_problem", lambda _: None)(config.data.train_on_inputs)
     if problem:
@@ -182,3 +190,26 @@ def read_yaml(path: str | Path, overrides: list[str] | None = None,
 def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
     """Read a YAML experiment config and apply ``--set`` overrides; errors name the file and key."""
     return parse_config(read_yaml(path, overrides), str(path))
+
+
+def read_experiment_record(folder: str | Path) -> tuple[Path, dict[str, Any]] | None:
+    """The ``experiment.yaml`` that ``lily-ssm train`` wrote in ``folder`` or its parent (for a
+    ``checkpoint-N`` folder), as a raw mapping with its path; ``None`` if there is none."""
+    folder = Path(folder)
+    for candidate in (folder / EXPERIMENT_NAME, folder.parent / EXPERIMENT_NAME):
+        if candidate.is_file():
+            try:
+                raw = yaml.safe_load(candidate.read_text(encoding="utf-8")) or {}
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"{candidate} is not valid YAML: {exc}") from exc
+            if not isinstance(raw, dict):
+                raise ConfigError(f"{candidate}: expected a mapping with model / adapter / data / training sections")
+            return candidate, raw
+    return None
+
+
+def recorded_protocol(raw: dict[str, Any]) -> str:
+    """The prompt protocol an experiment record was trained with; records from before protocols
+    existed were trained with today's ``clean`` template."""
+    data = raw.get("data") if isinstance(raw.get("data"), dict) else {}
+    return data.get("protocol", "clean")

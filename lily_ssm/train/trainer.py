@@ -1,6 +1,10 @@
 """Fine-tuning on top of the transformers ``Trainer``: DDP / FSDP / DeepSpeed via ``torchrun`` or
 ``accelerate launch`` need no code here. What this adds: adapter-only checkpoints in lily-ssm's
-safetensors format, resuming from them, and a JSON-lines log with loss, learning rate and tokens/s."""
+safetensors format, resuming from them, and a JSON-lines log with loss, learning rate and tokens/s.
+
+``data.protocol: paper`` trains as the published ``finetune.py`` does: its prompt, left padding, and
+with a validation set the checkpoint with the lowest validation loss as the result
+(``load_best_model_at_end``)."""
 
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ from ..persistence import load_adapter, save_adapter
 from ..report import parameter_report
 from ..tuners import apply_adapter
 from ..utils.atomic import write_atomic
-from .config import ConfigError, ExperimentConfig
+from .config import EXPERIMENT_NAME, ConfigError, ExperimentConfig
 
 LOG_NAME = "train_log.jsonl"
 
@@ -44,6 +48,13 @@ class AdapterTrainer(Trainer):
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
         load_adapter(self.accelerator.unwrap_model(model or self.model), resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        best = self.state.best_model_checkpoint
+        load_adapter(self.accelerator.unwrap_model(self.model), best)
+        if self.log_path is not None and self.args.should_save:
+            with open(self.log_path, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps({"best_checkpoint": best, "best_eval_loss": self.state.best_metric}) + "\n")
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         now, tokens = time.perf_counter(), self.state.num_input_tokens_seen
@@ -87,6 +98,11 @@ def training_seconds(log_path: str | Path) -> float:
 
 def _training_arguments(config: ExperimentConfig, has_eval: bool) -> TrainingArguments:
     t = config.training
+    best_at_end = config.data.protocol == "paper" and has_eval
+    if best_at_end and t.save_steps % t.eval_steps:
+        raise ConfigError(f"{config.source}: data.protocol: paper keeps the checkpoint with the lowest validation "
+                          f"loss, so training.save_steps={t.save_steps} must be a multiple of training.eval_steps="
+                          f"{t.eval_steps} (the published runs use 200 and 200)")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if t.batch_size % (t.micro_batch_size * world):
         raise ConfigError(f"{config.source}: training.batch_size={t.batch_size} is not a multiple of "
@@ -110,6 +126,8 @@ def _training_arguments(config: ExperimentConfig, has_eval: bool) -> TrainingArg
         save_strategy="steps",
         save_steps=t.save_steps,
         save_total_limit=t.save_total_limit,
+        load_best_model_at_end=best_at_end,
+        metric_for_best_model="eval_loss" if best_at_end else None,
         seed=t.seed,
         bf16=t.bf16,
         fp16=t.fp16,
@@ -121,6 +139,13 @@ def _training_arguments(config: ExperimentConfig, has_eval: bool) -> TrainingArg
         remove_unused_columns=False,
         dataloader_pin_memory=torch.cuda.is_available(),
     )
+
+
+def training_collator(tokenizer: Any, protocol: str) -> DataCollatorForSeq2Seq:
+    """Batches padded to a multiple of 8 (labels with -100): on the left for ``paper`` (as the published
+    ``finetune.py``), on the right for ``clean``."""
+    tokenizer.padding_side = "left" if protocol == "paper" else "right"  # the collator pads labels alike
+    return DataCollatorForSeq2Seq(tokenizer, pad_to_multiple_of=8, return_tensors="pt", padding=True)
 
 
 def _resume_checkpoint(config: ExperimentConfig) -> str | None:
@@ -150,19 +175,18 @@ def run_training(config: ExperimentConfig, log: Any = print) -> dict[str, Any]:
     d = config.data
     splits = load_train_dataset(d.train_file, d.val_set_size, config.training.seed)
     columns = splits["train"].column_names
-    splits = splits.map(lambda row: tokenize_row(row, tokenizer, d.cutoff_len, d.train_on_inputs, d.add_eos),
-                        remove_columns=columns)
+    splits = splits.map(lambda row: tokenize_row(row, tokenizer, d.cutoff_len, d.train_on_inputs, d.add_eos,
+                                                 d.protocol), remove_columns=columns)
     out = Path(config.training.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / "experiment.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
+    write_atomic(out / EXPERIMENT_NAME, yaml.safe_dump(config.to_dict(), sort_keys=False))
 
-    tokenizer.padding_side = "right"
     trainer = AdapterTrainer(
         model=model,
         args=_training_arguments(config, "validation" in splits),
         train_dataset=splits["train"],
         eval_dataset=splits.get("validation"),
-        data_collator=DataCollatorForSeq2Seq(tokenizer, pad_to_multiple_of=8, return_tensors="pt", padding=True),
+        data_collator=training_collator(tokenizer, d.protocol),
         processing_class=tokenizer,
         log_path=out / LOG_NAME,
     )
