@@ -431,20 +431,22 @@ def _check_geometry(state_dict: dict[str, torch.Tensor], config: VimConfig, path
 
 
 def load_vim_checkpoint(path: str | Path, config: VimConfig | None = None, *,
-                        map_location: str | torch.device = "cpu") -> VisionMamba:
+                        map_location: str | torch.device = "cpu",
+                        preferred: VimGeometry | None = None) -> VisionMamba:
     """Build a :class:`VisionMamba` from a public Vim ``.pth`` file (``{"model": state_dict}``).
 
     Without ``config`` the architecture is inferred from the tensor shapes, the image size and stride
     from the ``pos_embed`` length and the patch kernel (224 px with stride ``p`` or ``p / 2``, so the
-    stride-8 Vim-Ti+/S+ load as 224-px stride-8 models); other layouts need a ``config``. With one, it
-    is checked against the file. Keys and shapes are checked strictly (:class:`VimCheckpointError`
-    names every missing/unexpected key and mismatched shape, and the file).
+    stride-8 Vim-Ti+/S+ load as 224-px stride-8 models), trying ``preferred`` first; other layouts need
+    a ``config`` or ``preferred``. With a ``config``, it is checked against the file. Keys and shapes
+    are checked strictly (:class:`VimCheckpointError` names every missing/unexpected key and mismatched
+    shape, and the file).
     """
     path = str(path)
     obj = torch.load(path, map_location=map_location, weights_only=True)
     state_dict = _extract_state_dict(obj, path)
     if config is None:
-        config = infer_vim_config(state_dict, path)
+        config = infer_vim_config(state_dict, path, preferred)
     else:
         config = replace(config)  # do not share a mutable config with the caller
         _check_geometry(state_dict, config, path)

@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..data.vtab import GROUPS, NUM_CLASSES, TASKS, VTabDataset, group_means
-from ..models.vim import VIM_PRESETS, VimConfig, VisionMamba, load_vim_checkpoint
+from ..models.vim import VIM_PRESETS, VimConfig, VimGeometry, VisionMamba, load_vim_checkpoint
 from ..persistence import load_adapter, save_adapter
 from ..report import parameter_report
 from ..tuners import apply_adapter, config_from_dict
@@ -75,28 +75,55 @@ def load_vtab_config(path: str | Path, overrides: list[str] | None = None) -> Vt
     if parsed["model"].preset not in VIM_PRESETS:
         raise ConfigError(f"{source}: model.preset={parsed['model'].preset!r}; presets: {', '.join(VIM_PRESETS)}")
     experiment = VtabExperiment(adapter=adapter, source=source, **parsed)
-    _adapter_config(experiment)
+    per_task = adapter.get("per_task") or {}
+    if not isinstance(per_task, dict) or not all(isinstance(v, dict) for v in per_task.values()):
+        raise ConfigError(f"{source}: adapter.per_task must map task names to adapter settings, got {per_task!r}")
+    unknown = sorted(set(per_task) - set(TASKS))
+    if unknown:
+        raise ConfigError(f"{source}: adapter.per_task has unknown task(s) {', '.join(unknown)}; "
+                          f"tasks: {', '.join(TASKS)}")
+    for task in [None, *per_task]:
+        _adapter_config(experiment, task)
     return experiment
 
 
-def _adapter_config(experiment: VtabExperiment):
+def task_adapter(experiment: VtabExperiment, task: str | None) -> dict[str, Any]:
+    """The adapter settings ``task`` trains with: the adapter section, with its ``per_task`` entry for
+    the task merged over it (``overrides`` merged per target), and the classifier ``head`` saved."""
     adapter = dict(experiment.adapter)
+    extra = dict((adapter.pop("per_task", None) or {}).get(task) or {})
+    overrides = {key: dict(values) for key, values in (adapter.get("overrides") or {}).items()}
+    for key, values in (extra.pop("overrides", None) or {}).items():
+        overrides[key] = {**overrides.get(key, {}), **values}
+    adapter.update(extra)
+    if overrides:
+        adapter["overrides"] = overrides
     adapter["modules_to_save"] = sorted({*adapter.get("modules_to_save", []), "head"})
+    return adapter
+
+
+def _adapter_config(experiment: VtabExperiment, task: str | None = None):
+    where = f"adapter (task {task})" if task else "adapter"
     try:
-        return config_from_dict(adapter)
-    except ValueError as exc:
-        raise ConfigError(f"{experiment.source}: adapter: {exc}") from exc
+        return config_from_dict(task_adapter(experiment, task))
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise ConfigError(f"{experiment.source}: {where}: {exc}") from exc
 
 
 def build_model(experiment: VtabExperiment, task: str) -> VisionMamba:
     """The Vim backbone (from a checkpoint when given) with a fresh head for ``task`` and the adapter."""
-    return apply_adapter(build_backbone(experiment.model, task), _adapter_config(experiment))
+    return apply_adapter(build_backbone(experiment.model, task), _adapter_config(experiment, task))
 
 
 def build_backbone(m: VimModelSection, task: str) -> VisionMamba:
-    """The Vim model of section ``m`` (from its checkpoint when given) with a fresh head for ``task``."""
+    """The Vim model of section ``m`` (from its checkpoint when given) with a fresh head for ``task``.
+
+    A checkpoint's geometry is read off its tensors; ``img_size`` and ``overrides.stride`` (and
+    ``patch_size``) of the section are tried first, so a non-standard checkpoint loads when they are set."""
     if m.checkpoint:
-        model = load_vim_checkpoint(m.checkpoint)
+        preset = VIM_PRESETS[m.preset](img_size=m.img_size, **m.overrides)
+        preferred = VimGeometry(preset.img_size, preset.patch_size, preset.stride)
+        model = load_vim_checkpoint(m.checkpoint, preferred=preferred)
         model.head = nn.Linear(model.config.embed_dim, NUM_CLASSES[task])
         model.config = VimConfig(**{**model.config.to_dict(), "num_classes": NUM_CLASSES[task]})
     else:
@@ -188,7 +215,7 @@ def run_vtab_task(experiment: VtabExperiment, task: str, log: Any = print) -> di
               "best_test_accuracy_seen": state["best_test_accuracy"], "epochs": state["epoch"],
               "train_seconds": round(sum(h["seconds"] for h in state["history"]), 2),
               "adapter_parameters": report.adapter_total, "head_parameters": report.other_trainable,
-              "config": {"model": asdict(experiment.model), "adapter": experiment.adapter,
+              "config": {"model": asdict(experiment.model), "adapter": task_adapter(experiment, task),
                          "training": asdict(experiment.training)}}
     write_atomic(out / "result.json", json.dumps(result, indent=1) + "\n")
     return result

@@ -43,13 +43,14 @@ class LilyConfig(AdapterConfig):
             default) gives the balanced blocks above.
         allow_lookahead: permit ``sequence`` / ``batch`` routing where later tokens steer earlier
             outputs of a causal LM in training (only to reproduce the published code).
-        overrides: per-target-type values of ``r``, ``num_A``, ``num_B``, ``scaling``, ``stride_A``.
+        overrides: per-target-type values of ``r``, ``num_A``, ``num_B``, ``scaling``, ``stride_A``,
+            ``dropout``.
         modules_to_save: modules (name suffixes, e.g. ``["head"]``) trained in full and saved with the
             adapter, such as a new classifier head.
     """
 
     method: ClassVar[str] = "lily"
-    overridable: ClassVar[tuple[str, ...]] = ("r", "num_A", "num_B", "scaling", "stride_A")
+    overridable: ClassVar[tuple[str, ...]] = ("r", "num_A", "num_B", "scaling", "stride_A", "dropout")
 
     targets: str | list[str]
     r: int
@@ -101,6 +102,7 @@ class LilyConfig(AdapterConfig):
                 f"num_A={values['num_A']}{where}, but only {group.num_layers} layers have it; "
                 f"num_A must be between 1 and {group.num_layers}"
             )
+        check_dropout(values["dropout"])
         stride = values["stride_A"]
         if stride is not None:
             check_positive_ints({"stride_A": stride}, where)
@@ -115,7 +117,7 @@ class LilyConfig(AdapterConfig):
             num_a=values["num_A"],
             num_b=values["num_B"],
             scaling=float(values["scaling"]),
-            dropout=self.dropout,
+            dropout=values["dropout"],
             dropout_after_a=self.dropout_position == "after_A",
             stride_a=stride,
             routing=self.routing,
