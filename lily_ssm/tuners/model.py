@@ -165,10 +165,11 @@ def apply_adapter(model: nn.Module, config: AdapterConfig) -> nn.Module:
     if isinstance(getattr(model, ADAPTER_ATTR, None), AdapterState):
         raise ValueError(f"{type(model).__name__} already has an adapter; apply_adapter works on a base model")
     config = config.resolve(model)
-    context = RoutingContext(causal_lm=is_causal_lm(model))
+    causal_lm = is_causal_lm(model)
+    context = RoutingContext(labels_mark_prompt=causal_lm and getattr(config, "routing", None) == "sequence")
     groups, pools = plan_pools(model, config, context)
     lookahead = getattr(config, "lookahead_problem", None)
-    if context.causal_lm and lookahead is not None and lookahead(train_on_inputs=True) is not None:
+    if causal_lm and lookahead is not None and lookahead(train_on_inputs=True) is not None:
         context.lookahead_problem = lookahead  # checked on every training call
 
     saved = modules_to_save_params(model, list(getattr(config, "modules_to_save", [])))

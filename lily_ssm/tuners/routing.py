@@ -56,7 +56,7 @@ class RoutingContext:
     outgoing: dict[str, RouterStats] = field(default_factory=dict)
     prefix_len: int | None = None  # set during generate(): sequence routing pools over the prompt only
     recorder: Any = None  # analysis.routing.RouterRecorder while router weights are being recorded
-    causal_lm: bool = False  # set by apply_adapter: labels mark the prompt, later tokens must not leak
+    labels_mark_prompt: bool = False  # set by apply_adapter for sequence routing on a causal LM
     lookahead_problem: Any = None  # the config's LilyConfig.lookahead_problem, checked in causal-LM training
 
     def token_mask(self, batch: int, tokens: int) -> torch.Tensor | None:
@@ -170,7 +170,7 @@ class _RoutingHooks:
         mask = arguments.get("attention_mask")
         self.context.mask = mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
         labels = arguments.get("labels")
-        token_labels = self.context.causal_lm and isinstance(labels, torch.Tensor) and labels.dim() == 2
+        token_labels = self.context.labels_mark_prompt and isinstance(labels, torch.Tensor) and labels.dim() == 2
         self.context.prompt = prompt_from_labels(labels, mask) if token_labels else None
         if self.context.lookahead_problem is not None and module.training:
             self._check_lookahead(labels if token_labels else None)
