@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
+from typing import NoReturn
 
 from .data.prompts import PROTOCOLS
 
@@ -36,7 +38,8 @@ def _train(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, args.set)
     result = run_training(config)
-    print(f"adapter written to {result['adapter']} after {result['global_step']} steps; log: {result['log']}")
+    if result["main_process"]:  # under torchrun, rank 0 wrote the adapter and reports it
+        print(f"adapter written to {result['adapter']} after {result['global_step']} steps; log: {result['log']}")
     return 0
 
 
@@ -52,11 +55,13 @@ def _eval_commonsense(args: argparse.Namespace) -> int:
     from .data.prompts import resolve_tasks
     from .evaluation.commonsense import evaluate_commonsense, markdown_table, task_test_file
     from .models.loading import load_model_and_tokenizer
-    from .persistence import load_adapter
+    from .persistence import load_adapter, read_adapter
     from .train.config import read_experiment_record, recorded_protocol
 
     for task in resolve_tasks(args.tasks):  # bad task names or missing files fail before the model loads
         task_test_file(args.data_root, task)
+    if args.adapter:
+        read_adapter(args.adapter)  # a missing or damaged adapter fails before the model loads, too
     record = read_experiment_record(args.adapter) if args.adapter else None
     trained = recorded_protocol(record[1]) if record else None
     protocol = args.protocol or trained or "paper"
@@ -96,9 +101,40 @@ def _lm_eval(lm_eval_args: list[str]) -> int:
     return run_cli(lm_eval_args)
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not allowed; give a whole number >= 1")
+    return value
+
+
+DEBUG_HELP = "on an error, show the full traceback instead of the one-line message"
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """A usage error is one line, like every other error (the usage itself is in ``--help``)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
+class _Parser(_OneLineParser):
+    """Every subcommand also accepts ``--debug`` (``lily-ssm train --debug ...``)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        # SUPPRESS: a subcommand that is not given --debug leaves the top-level flag's value alone
+        self.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lily-ssm", description="Lily adapters for Mamba / state-space models")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _OneLineParser(prog="lily-ssm", description="Lily adapters for Mamba / state-space models")
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     quick = sub.add_parser("quickstart", help="the built-in default job: tiny Falcon-Mamba, generated commonsense "
                            "data, evaluate / fine-tune Lily / evaluate (CPU, no downloads, a few minutes)")
@@ -122,7 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     ab = sub.add_parser("ablate", help="compare methods x target sets x routing modes at a matched parameter budget "
                         "(train + test every arm; resumable)")
     ab.add_argument("config", help="YAML file: an ablation section plus the experiment sections (configs/ablation/)")
-    ab.add_argument("--workers", type=int, default=None, help="arms run in parallel processes (ablation.workers)")
+    ab.add_argument("--workers", type=positive_int, default=None,
+                    help="arms run in parallel processes (ablation.workers)")
     ab.add_argument("--dry-run", action="store_true", help="only print the arms and their sized adapters")
     ab.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="override a config value, e.g. --set ablation.budget=60000 (repeatable)")
@@ -138,11 +175,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--protocol", choices=PROTOCOLS, default=None,
                     help="paper: the published evaluator's prompt, 4 beams, answer after '### Response:'; clean: "
                          "lily-ssm's one template, greedy (default: the adapter's training protocol, else paper)")
-    ev.add_argument("--batch-size", type=int, default=16)
-    ev.add_argument("--num-beams", type=int, default=None, help="beams (default: the protocol's, 4 for paper, "
+    ev.add_argument("--batch-size", type=positive_int, default=16)
+    ev.add_argument("--num-beams", type=positive_int, default=None, help="beams (default: the protocol's, 4 for paper, "
                     "1 = greedy for clean)")
-    ev.add_argument("--max-new-tokens", type=int, default=None, help="default: the protocol's (32)")
-    ev.add_argument("--limit", type=int, default=None, help="only the first N items of each task")
+    ev.add_argument("--max-new-tokens", type=positive_int, default=None, help="default: the protocol's (32)")
+    ev.add_argument("--limit", type=positive_int, default=None, help="only the first N items of each task")
     ev.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
     ev.add_argument("--device-map", default=None, help="e.g. auto or cuda:0 (default: CPU)")
     ev.add_argument("--output", default=None, help="folder for results.json, results.md and predictions/")
@@ -155,8 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "with <task>/test.json, builtin:synthetic-commonsense, or the VTAB-1K root for a vtab task folder")
     ins.add_argument("--model", default=None, help="base model for --data (default: the adapter's experiment.yaml)")
     ins.add_argument("--out", default=None, help="output folder (default: <first adapter>/inspect)")
-    ins.add_argument("--limit", type=int, default=64, help="data items to run (default 64)")
-    ins.add_argument("--batch-size", type=int, default=8)
+    ins.add_argument("--limit", type=positive_int, default=64, help="data items to run (default 64)")
+    ins.add_argument("--batch-size", type=positive_int, default=8)
     ins.add_argument("--rtol", type=float, default=1e-3,
                      help="effective rank = number of singular values > rtol * largest (default 1e-3)")
     ins.add_argument("--dtype", default=None, help="model dtype (default: experiment.yaml's, else auto)")
@@ -169,20 +206,64 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def is_user_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is a problem with the user's input rather than a bug: the toolkit's errors
+    (``ValueError`` and its subclasses ConfigError, DataError, AdapterLoadError, VimCheckpointError,
+    BudgetError), the OS's about the user's files (missing, permission denied, a folder, disk full, ...),
+    a missing optional dependency, and running out of memory."""
+    if isinstance(exc, (ValueError, OSError, MemoryError)):
+        return True
+    if isinstance(exc, ModuleNotFoundError):
+        return not (exc.name or "").startswith("lily_ssm")
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(exc, getattr(torch, "OutOfMemoryError", ()))
+
+
+def error_message(exc: BaseException) -> str:
+    """``exc`` as one line: an OS error as ``<file>: <reason>``; a DataLoader worker's wrapped traceback
+    as its last line (the original error); any other newlines folded into spaces."""
+    text = str(exc)
+    if isinstance(exc, OSError) and exc.strerror:  # "[Errno 13] Permission denied: 'x'" -> "x: Permission denied"
+        text = exc.strerror if exc.filename is None else f"{exc.filename}: {exc.strerror}"
+        text += f" (and {exc.filename2})" if exc.filename2 is not None else ""
+    if "Original Traceback" in text:
+        text = text.strip().splitlines()[-1]
+    return " ".join(text.split()) or type(exc).__name__
+
+
+def _run(command: str, call: Callable[[], int], debug: bool) -> int:
+    """Run one command: a user error prints ``lily-ssm <command>: error: ...`` (exit 2), anything else one
+    ``internal error`` line (exit 1); ``--debug`` re-raises instead, to show the traceback."""
+    try:
+        return call()
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"lily-ssm {command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if debug:
+            raise
+        if is_user_error(exc):
+            print(f"lily-ssm {command}: error: {error_message(exc)}", file=sys.stderr)
+            return 2
+        print(f"lily-ssm {command}: internal error: {type(exc).__name__}: {error_message(exc)} "
+              "(rerun with --debug for the traceback)", file=sys.stderr)
+        return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["lm-eval"]:  # everything after it belongs to lm-eval's own parser
-        try:
-            return _lm_eval(argv[1:])
-        except (ValueError, FileNotFoundError) as exc:
-            print(f"lily-ssm lm-eval: error: {exc}", file=sys.stderr)
-            return 2
+    debug = False
+    while argv[:1] == ["--debug"]:
+        debug, argv = True, argv[1:]
+    if argv[:1] == ["lm-eval"]:  # everything after it (but a first --debug) belongs to lm-eval's own parser
+        rest = argv[1:]
+        if rest[:1] == ["--debug"]:
+            debug, rest = True, rest[1:]
+        return _run("lm-eval", lambda: _lm_eval(rest), debug)
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except (ValueError, FileNotFoundError) as exc:  # our errors name the bad file / key / value
-        print(f"lily-ssm {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+    return _run(args.command, lambda: args.func(args), debug or args.debug)
 
 
 if __name__ == "__main__":

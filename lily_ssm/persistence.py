@@ -1,8 +1,10 @@
 """Saving and loading adapters: ``adapter_config.json`` + ``adapter_model.safetensors``.
 
 Every shared tensor is stored once (the pools, not per-layer views). The config records the base
-model's architecture and dimensions and the adapted modules' shapes, and a SHA-256 of the weights
-file, so loading onto another model or a damaged file fails loudly instead of half-loading.
+model's architecture and dimensions, the adapted modules' shapes, each tensor's shape and dtype, a
+SHA-256 of the weights file and a content hash of the tensors (``content_sha256``, the one
+``merge_adapter`` records on a model), so loading onto another model, a damaged or hand-edited file,
+non-finite weights, or an adapter already merged into the model fails loudly instead of half-loading.
 """
 
 from __future__ import annotations
@@ -22,9 +24,11 @@ from .tuners import config_from_dict
 from .tuners.base import AdapterConfig
 from .tuners.model import (
     ADAPTER_ATTR,
+    adapter_content_sha256,
     apply_adapter,
     describe_base_model,
     get_adapter_state,
+    merged_adapters,
     modules_to_save_params,
     plan_pools,
     pool_tensors,
@@ -56,6 +60,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
         "tensors": {key: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
                     for key, t in tensors.items()},
         "weights_sha256": hashlib.sha256(payload).hexdigest(),
+        "content_sha256": adapter_content_sha256(tensors),
     }
     # Weights first: a crash between the two renames leaves a checksum mismatch, which load reports.
     write_atomic(folder / WEIGHTS_NAME, payload)
@@ -63,8 +68,73 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
     return folder
 
 
+_REQUIRED_KEYS = ("format_version", "config", "base_model", "modules", "tensors", "weights_sha256")
+
+
+def _type_name(value: Any) -> str:
+    return {dict: "object", list: "list", str: "string", bool: "boolean", type(None): "null"}.get(
+        type(value), type(value).__name__)
+
+
+def _int_list(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
+
+
+def _check_shape(meta: dict[str, Any], where: Path) -> None:
+    """Refuse metadata of the wrong shape, naming the key and the expected type (the readers index it)."""
+    def bad(key: str, value: Any, expected: str) -> AdapterLoadError:
+        return AdapterLoadError(f"{where}: {key} is {_type_name(value)} {json.dumps(value)[:60]}, expected {expected}"
+                                "; the file was edited or not written by lily-ssm")
+
+    entries: list[tuple[str, Any, bool, str]] = [
+        ("config", meta["config"], isinstance(meta["config"], dict), "an object (the adapter's settings)"),
+        ("base_model", meta["base_model"], isinstance(meta["base_model"], dict),
+         "an object with architecture and dimensions"),
+        ("modules", meta["modules"], isinstance(meta["modules"], dict), "an object of module name -> [in, out]"),
+        ("tensors", meta["tensors"], isinstance(meta["tensors"], dict),
+         "an object of tensor name -> {shape, dtype}"),
+        ("weights_sha256", meta["weights_sha256"], isinstance(meta["weights_sha256"], str), "a hex string"),
+    ]
+    if "content_sha256" in meta:
+        entries.append(("content_sha256", meta["content_sha256"], isinstance(meta["content_sha256"], str),
+                        "a hex string"))
+    if "groups" in meta:
+        entries.append(("groups", meta["groups"], isinstance(meta["groups"], dict),
+                        "an object of target type -> {num_layers, modules}"))
+    for key, value, ok, expected in entries:
+        if not ok:
+            raise bad(key, value, expected)
+    base = meta["base_model"]
+    if "architecture" in base and not isinstance(base["architecture"], str):
+        raise bad("base_model.architecture", base["architecture"], "a string")
+    if "dimensions" in base and not isinstance(base["dimensions"], dict):
+        raise bad("base_model.dimensions", base["dimensions"], "an object")
+    for name, shape in meta["modules"].items():
+        if not (_int_list(shape) and len(shape) == 2):
+            raise bad(f"modules[{name!r}]", shape, "[in_features, out_features]")
+    for name, entry in meta["tensors"].items():
+        if not isinstance(entry, dict):
+            raise bad(f"tensors[{name!r}]", entry, "an object {shape, dtype}")
+        if not _int_list(entry.get("shape")):
+            raise bad(f"tensors[{name!r}].shape", entry.get("shape"), "a list of sizes")
+        if "dtype" in entry and not isinstance(entry["dtype"], str):
+            raise bad(f"tensors[{name!r}].dtype", entry["dtype"], "a dtype name such as float32")
+    for key, layout in meta.get("groups", {}).items():
+        if not isinstance(layout, dict):
+            raise bad(f"groups[{key!r}]", layout, "an object {num_layers, modules}")
+        layers, slots = layout.get("num_layers"), layout.get("modules")
+        if not (isinstance(layers, int) and not isinstance(layers, bool) and layers >= 1):
+            raise bad(f"groups[{key!r}].num_layers", layers, "a whole number >= 1")
+        if not (isinstance(slots, list) and all(isinstance(m, list) and len(m) == 2 and isinstance(m[0], str)
+                                                and _int_list(m[1:]) for m in slots)):
+            raise bad(f"groups[{key!r}].modules", slots, "a list of [module name, position]")
+
+
 def _read_meta(folder: Path) -> dict[str, Any]:
     if not folder.is_dir():
+        if folder.exists():
+            raise NotADirectoryError(f"adapter path {folder} is a file; give the folder that holds {CONFIG_NAME} "
+                                     f"and {WEIGHTS_NAME}")
         raise FileNotFoundError(f"adapter folder {folder} does not exist")
     for name in (CONFIG_NAME, WEIGHTS_NAME):
         if not (folder / name).is_file():
@@ -72,17 +142,27 @@ def _read_meta(folder: Path) -> dict[str, Any]:
                 f"{folder / name} is missing; an adapter folder holds {CONFIG_NAME} and {WEIGHTS_NAME}"
             )
     try:
-        meta = json.loads((folder / CONFIG_NAME).read_text())
+        meta = json.loads((folder / CONFIG_NAME).read_bytes().decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise AdapterLoadError(f"{folder / CONFIG_NAME} is not valid JSON (truncated or corrupted?): {exc}") from exc
-    missing = [k for k in ("format_version", "config", "base_model", "modules", "tensors", "weights_sha256")
-               if k not in meta]
+    if not isinstance(meta, dict):
+        raise AdapterLoadError(f"{folder / CONFIG_NAME} holds a JSON {_type_name(meta)}, expected an object with "
+                               f"{', '.join(_REQUIRED_KEYS)}; it was not written by lily-ssm")
+    missing = [k for k in _REQUIRED_KEYS if k not in meta]
     if missing:
         raise AdapterLoadError(f"{folder / CONFIG_NAME} lacks {', '.join(missing)}; it was not written by lily-ssm")
-    if meta["format_version"] != FORMAT_VERSION:
-        raise AdapterLoadError(f"{folder / CONFIG_NAME} has format_version {meta['format_version']}; "
+    if meta["format_version"] != FORMAT_VERSION or isinstance(meta["format_version"], bool):
+        raise AdapterLoadError(f"{folder / CONFIG_NAME} has format_version {meta['format_version']!r}; "
                                f"this lily-ssm reads version {FORMAT_VERSION}")
+    _check_shape(meta, folder / CONFIG_NAME)
     return meta
+
+
+def _parse_config(folder: Path, meta: dict[str, Any]) -> AdapterConfig:
+    try:
+        return config_from_dict(meta["config"])
+    except (ValueError, TypeError) as exc:
+        raise AdapterLoadError(f"{folder / CONFIG_NAME}: config: {exc}") from exc
 
 
 def _compare(expected: dict[str, Any], actual: dict[str, Any], what: str) -> list[str]:
@@ -90,40 +170,69 @@ def _compare(expected: dict[str, Any], actual: dict[str, Any], what: str) -> lis
             for key in sorted(set(expected) | set(actual)) if expected.get(key) != actual.get(key)]
 
 
-def _read_tensors(folder: Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
-    payload = (folder / WEIGHTS_NAME).read_bytes()
+def _dtype_name(tensor: torch.Tensor) -> str:
+    return str(tensor.dtype).removeprefix("torch.")
+
+
+def _read_tensors(folder: Path, meta: dict[str, Any],
+                  allow_non_finite: bool = False) -> tuple[dict[str, torch.Tensor], str]:
+    """The verified tensors and their content hash."""
+    path = folder / WEIGHTS_NAME
+    payload = path.read_bytes()
     if hashlib.sha256(payload).hexdigest() != meta["weights_sha256"]:
         raise AdapterLoadError(
-            f"{folder / WEIGHTS_NAME} does not match the checksum in {CONFIG_NAME}: the file is truncated, "
-            "corrupted, or from another save"
+            f"{path} does not match the checksum in {CONFIG_NAME}: the file is truncated, corrupted, or from "
+            "another save"
         )
     try:
         tensors = load_safetensors(payload)
     except Exception as exc:  # safetensors raises its own error types on malformed files
-        raise AdapterLoadError(f"{folder / WEIGHTS_NAME} is not a readable safetensors file: {exc}") from exc
+        raise AdapterLoadError(f"{path} is not a readable safetensors file: {exc}") from exc
     expected = {k: v["shape"] for k, v in meta["tensors"].items()}
     actual = {k: list(v.shape) for k, v in tensors.items()}
     if expected != actual:
-        raise AdapterLoadError(f"{folder / WEIGHTS_NAME} holds tensors {actual}, {CONFIG_NAME} lists {expected}")
-    return tensors
+        raise AdapterLoadError(f"{path} holds tensors {actual}, {CONFIG_NAME} lists {expected}")
+    for key in sorted(tensors):
+        tensor, recorded = tensors[key], meta["tensors"][key].get("dtype")
+        if recorded is not None and recorded != _dtype_name(tensor):
+            raise AdapterLoadError(f"adapter tensor {key} in {path} is {_dtype_name(tensor)}, but {CONFIG_NAME} "
+                                   f"records {recorded}")
+        if not tensor.is_floating_point():
+            raise AdapterLoadError(f"adapter tensor {key} in {path} is {_dtype_name(tensor)}; adapter weights must "
+                                   "be a floating-point dtype (float32, bfloat16, float16, float64)")
+        if not allow_non_finite:
+            finite = torch.isfinite(tensor)
+            if not bool(finite.all()):
+                nan = int(torch.isnan(tensor).sum())
+                raise AdapterLoadError(
+                    f"adapter tensor {key} in {path} holds {nan} NaN and {tensor.numel() - int(finite.sum()) - nan} "
+                    "infinite values (diverged training?); refused (load_adapter(..., allow_non_finite=True) "
+                    "accepts them)"
+                )
+    content = adapter_content_sha256(tensors)
+    if meta.get("content_sha256", content) != content:
+        raise AdapterLoadError(f"{path}: the tensors' content hash {content[:12]}... differs from content_sha256 "
+                               f"{meta['content_sha256'][:12]}... in {CONFIG_NAME}: the files are from different saves")
+    return tensors, content
 
 
-def read_adapter(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """An adapter folder's metadata and tensors (checksum- and shape-verified), without a model."""
+def read_adapter(path: str | os.PathLike, *,
+                 allow_non_finite: bool = False) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """An adapter folder's metadata and tensors, without a model: the metadata's shape and config, the
+    checksum, and each tensor's shape, dtype and (unless ``allow_non_finite``) finiteness are verified."""
     folder = Path(path)
     meta = _read_meta(folder)
-    return meta, _read_tensors(folder, meta)
+    _parse_config(folder, meta)
+    return meta, _read_tensors(folder, meta, allow_non_finite)[0]
 
 
-def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+def load_adapter(model: nn.Module, path: str | os.PathLike, *, allow_non_finite: bool = False) -> nn.Module:
     """Load the adapter in folder ``path`` onto ``model`` (a base model, or one already adapted with
-    the same config) and return it. Nothing is changed if the adapter does not fit the model."""
+    the same config) and return it. Nothing is changed if the adapter does not fit the model, holds
+    NaN or infinite values (unless ``allow_non_finite``), or was already merged into ``model``."""
     folder = Path(path)
     meta = _read_meta(folder)
-    try:
-        config = config_from_dict(meta["config"])
-    except ValueError as exc:
-        raise AdapterLoadError(f"{folder / CONFIG_NAME}: {exc}") from exc
+    config = _parse_config(folder, meta)
 
     existing = getattr(model, ADAPTER_ATTR, None)
     if existing is not None and existing.config.to_dict() != config.to_dict():
@@ -148,12 +257,16 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
             + "; ".join(problems[:8])
         )
 
-    tensors = _read_tensors(folder, meta)
+    tensors, content = _read_tensors(folder, meta, allow_non_finite)
     stored = {key: list(t.shape) for key, t in tensors.items()}
     if stored != shapes:
         raise AdapterLoadError(
             f"the config in {folder / CONFIG_NAME} implies adapter tensors {shapes}, but {WEIGHTS_NAME} holds {stored}"
         )
+    if content in merged_adapters(model):
+        raise AdapterLoadError(f"adapter {folder}: its weights were already merged into this model (its config records "
+                               "lily_ssm_merged); loading it again would apply it twice. Load it onto the unmerged "
+                               "base model instead")
     if existing is None:
         apply_adapter(model, config)
     with torch.no_grad():

@@ -38,7 +38,7 @@ class DataError(ValueError):
 
 
 def validate_rows(rows: Any, source: str, required: tuple[str, ...]) -> list[dict[str, str]]:
-    """Check ``rows`` is a non-empty list of objects whose ``required`` fields are strings."""
+    """Check ``rows`` is a non-empty list of objects whose ``required`` fields are strings (not null)."""
     if not isinstance(rows, list):
         raise DataError(f"{source}: expected a JSON list of objects, got {type(rows).__name__}")
     if not rows:
@@ -52,6 +52,8 @@ def validate_rows(rows: Any, source: str, required: tuple[str, ...]) -> list[dic
                 raise DataError(f"{source}: row {index} has no {name!r} field (fields: {', '.join(row)})")
         for name in (*required, *OPTIONAL_TEXT_FIELDS):
             value = row.get(name)
+            if value is None and name in required:
+                raise DataError(f"{source}: row {index} field {name!r} is null, expected text")
             if name in row and value is not None and not isinstance(value, str):
                 raise DataError(f"{source}: row {index} field {name!r} is a {type(value).__name__}, expected text")
         if not row["instruction"].strip():
@@ -60,19 +62,38 @@ def validate_rows(rows: Any, source: str, required: tuple[str, ...]) -> list[dic
     return clean
 
 
+def _read_text(path: Path, what: str) -> str:
+    """The UTF-8 text of ``path`` (a byte-order mark is dropped); another encoding fails with the file's
+    name and the first bad byte."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{what} {path} is not UTF-8 text (byte {data[exc.start]:#04x} at offset {exc.start}); "
+                        "save it as UTF-8") from exc
+
+
 def read_rows(path: str | Path, required: tuple[str, ...] = TRAIN_FIELDS) -> list[dict[str, str]]:
     """Rows of a ``.json`` list or ``.jsonl`` file, validated."""
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"data file {path} is a folder; give a .json list or a .jsonl file")
     if not path.is_file():
         raise FileNotFoundError(f"data file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
-    try:
-        if path.suffix == ".jsonl":
-            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-        else:
+    text = _read_text(path, "data file")
+    if path.suffix == ".jsonl":
+        rows = []
+        for lineno, line in enumerate(text.splitlines(), start=1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise DataError(f"{path}: line {lineno} is not valid JSON ({exc})") from exc
+    else:
+        try:
             rows = json.loads(text) if text.strip() else []
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path}: not valid JSON ({exc})") from exc
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}: not valid JSON ({exc})") from exc
     return validate_rows(rows, str(path), required)
 
 

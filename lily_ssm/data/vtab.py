@@ -13,9 +13,10 @@ contain spaces: the label is the last whitespace-separated field). The protocol 
 ``train800val200`` and reports top-1 accuracy on ``test``, with images resized to 224 x 224.
 
 :class:`VTabDataset` checks everything it can cheaply check when it is built (task name, list file,
-every line, every label against the task's class count, every image file's existence) so that a bad
-data folder fails before training starts; an image that exists but cannot be decoded fails when it is
-loaded, with its path in the message.
+every line, every label against the task's class count, every image file's existence, and that every
+image path stays inside the task folder) so that a bad data folder fails before training starts; an
+image that exists but cannot be decoded fails when it is loaded, with its path and list line in the
+message.
 
 :func:`group_means` turns per-task accuracies into the Natural / Specialized / Structured means plus the
 two overall averages papers use (see its docstring). :func:`write_fake_vtab` writes a small generated
@@ -88,33 +89,44 @@ def read_list_file(path: str | Path, num_classes: int) -> list[tuple[str, int]]:
     """Parse one ``<relative image path> <label>`` list file; returns ``[(relative path, label), ...]``.
 
     Blank lines are skipped. Raises ``FileNotFoundError`` for a missing file and ``ValueError`` naming
-    the file and 1-based line number for a malformed line or a label outside ``[0, num_classes - 1]``.
+    the file and 1-based line number for a malformed line or a label outside ``[0, num_classes - 1]``
+    (and naming the file for one that is not UTF-8 text).
     """
-    path = Path(path)
+    return [(rel, label) for rel, label, _ in _read_list_lines(Path(path), num_classes)]
+
+
+def _read_list_lines(path: Path, num_classes: int) -> list[tuple[str, int, int]]:
+    """:func:`read_list_file` with each entry's 1-based line number."""
     if not path.is_file():
         raise FileNotFoundError(f"VTAB list file not found: {path}")
-    samples: list[tuple[str, int]] = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, raw in enumerate(f, start=1):
-            line = raw.strip()
-            if not line:
-                continue
-            parts = line.rsplit(maxsplit=1)
-            if len(parts) != 2:
-                raise ValueError(f"{path}:{lineno}: malformed line {line!r}; expected '<image path> <label>'")
-            rel, label_text = parts
-            try:
-                label = int(label_text)
-            except ValueError:
-                raise ValueError(
-                    f"{path}:{lineno}: malformed line {line!r}; label {label_text!r} is not an integer"
-                ) from None
-            if not 0 <= label < num_classes:
-                raise ValueError(
-                    f"{path}:{lineno}: label {label} out of range; valid labels are 0..{num_classes - 1} "
-                    f"({num_classes} classes)"
-                )
-            samples.append((rel, label))
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise ValueError(f"{path}:{line}: not UTF-8 text (byte {data[exc.start]:#04x}); save the list file as UTF-8"
+                         ) from exc
+    samples: list[tuple[str, int, int]] = []
+    for lineno, raw in enumerate(text.split("\n"), start=1):
+        line = raw.strip()
+        if not line:
+            continue
+        parts = line.rsplit(maxsplit=1)
+        if len(parts) != 2:
+            raise ValueError(f"{path}:{lineno}: malformed line {line!r}; expected '<image path> <label>'")
+        rel, label_text = parts
+        try:
+            label = int(label_text)
+        except ValueError:
+            raise ValueError(
+                f"{path}:{lineno}: malformed line {line!r}; label {label_text!r} is not an integer"
+            ) from None
+        if not 0 <= label < num_classes:
+            raise ValueError(
+                f"{path}:{lineno}: label {label} out of range; valid labels are 0..{num_classes - 1} "
+                f"({num_classes} classes)"
+            )
+        samples.append((rel, label, lineno))
     return samples
 
 
@@ -130,7 +142,10 @@ def load_image(path: str | Path, image_size: int = 224, mean: Sequence[float] = 
         with Image.open(path) as img:
             img = img.convert("RGB").resize((image_size, image_size), Image.Resampling.BICUBIC)
             array = np.asarray(img, dtype=np.uint8).copy()
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
+    except UnidentifiedImageError as exc:
+        raise OSError(f"cannot read image {path}: not an image file PIL can decode (corrupt or another format)"
+                      ) from exc
+    except (OSError, ValueError, SyntaxError) as exc:
         raise OSError(f"cannot read image {path}: {exc}") from exc
     x = torch.from_numpy(array).permute(2, 0, 1).to(torch.float32).div_(255.0)
     m = torch.as_tensor(mean, dtype=torch.float32).view(3, 1, 1)
@@ -169,13 +184,20 @@ class VTabDataset(Dataset):
         self.num_classes = NUM_CLASSES[task]
         self.task_dir = Path(root) / task
         list_path = self.task_dir / f"{split}.txt"
-        entries = read_list_file(list_path, self.num_classes)
+        entries = _read_list_lines(list_path, self.num_classes)
+        inside = self.task_dir.resolve()
         self.samples: list[tuple[Path, int]] = []
-        for rel, label in entries:
+        self.lines: list[int] = []  # each sample's line in the list file, for error messages
+        for rel, label, lineno in entries:
             image_path = self.task_dir / rel
+            # resolve() follows symlinks and "..", so neither can reach files outside the task folder
+            if not image_path.resolve().is_relative_to(inside):
+                raise ValueError(f"{list_path}:{lineno}: image path {rel!r} points outside the task folder "
+                                 f"{self.task_dir}; list paths are relative to <root>/<task>/ and stay inside it")
             if not image_path.is_file():
-                raise FileNotFoundError(f"VTAB image not found: {image_path} (listed in {list_path})")
+                raise FileNotFoundError(f"VTAB image not found: {image_path} (listed in {list_path}:{lineno})")
             self.samples.append((image_path, label))
+            self.lines.append(lineno)
         self.list_path = list_path
 
     @property
@@ -187,7 +209,10 @@ class VTabDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         path, label = self.samples[index]
-        return load_image(path, self.image_size, self.mean, self.std), label
+        try:
+            return load_image(path, self.image_size, self.mean, self.std), label
+        except OSError as exc:
+            raise OSError(f"{exc} (listed in {self.list_path}:{self.lines[index]})") from exc
 
     def __repr__(self) -> str:
         return (f"VTabDataset(task={self.task!r}, split={self.split!r}, n={len(self)}, "

@@ -27,10 +27,28 @@ def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | str | None:
     return _DTYPES[name]
 
 
+def looks_like_local_path(name: str) -> bool:
+    """Whether ``name`` can only mean a folder on this machine, not a hub id (``org/name`` or ``name``):
+    absolute, ``~``, ``./`` or ``../``, ending in a separator, or with more than one ``/`` (``runs/x/y``)."""
+    seps = {"/", os.sep, *([os.altsep] if os.altsep else [])}
+    return (os.path.isabs(name) or name.startswith("~") or name in (".", "..")
+            or any(name.startswith(f"{dots}{sep}") for dots in (".", "..") for sep in seps)
+            or name[-1:] in seps or name.count("/") > 1 or (os.sep != "/" and os.sep in name))
+
+
 def resolve_model_path(name_or_path: str) -> str:
     """A hub id or folder as given; ``builtin:<name>`` becomes the cached folder of that model,
-    built (and briefly pre-trained) on first use."""
+    built (and briefly pre-trained) on first use. A name that can only be a local path must exist
+    (``FileNotFoundError`` otherwise, rather than the hub's "Repo id must be ..." message)."""
     if not name_or_path.startswith(BUILTIN_PREFIX):
+        if looks_like_local_path(name_or_path):
+            path = Path(name_or_path).expanduser()
+            if not path.exists():
+                raise FileNotFoundError(f"model folder {name_or_path} does not exist")
+            if not path.is_dir():
+                raise NotADirectoryError(f"model path {name_or_path} is a file; give the folder that holds "
+                                         "config.json and the weights")
+            return str(path)
         return name_or_path
     name = name_or_path[len(BUILTIN_PREFIX):]
     if name not in BUILTIN_MODELS:

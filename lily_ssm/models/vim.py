@@ -43,6 +43,7 @@ from torch import nn
 
 from .. import ops
 from ..tuners.base import linear_without_bias
+from ..utils.safe_load import load_tensors_file
 
 
 class VimCheckpointError(ValueError):
@@ -443,7 +444,7 @@ def load_vim_checkpoint(path: str | Path, config: VimConfig | None = None, *,
     shape, and the file).
     """
     path = str(path)
-    obj = torch.load(path, map_location=map_location, weights_only=True)
+    obj = load_tensors_file(path, "Vim checkpoint", map_location)
     state_dict = _extract_state_dict(obj, path)
     if config is None:
         config = infer_vim_config(state_dict, path, preferred)

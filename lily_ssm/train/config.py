@@ -3,9 +3,10 @@ sections, plus ``--set section.key=value`` overrides from the command line."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
@@ -17,6 +18,26 @@ EXPERIMENT_NAME = "experiment.yaml"  # written by `lily-ssm train` beside the ad
 
 class ConfigError(ValueError):
     """A configuration that cannot be used; the message names the file and key."""
+
+
+@dataclass(frozen=True)
+class Bound:
+    """The valid range of a numeric config value: at least ``low`` (above it when ``strict``), finite,
+    or one of ``special`` (values with a meaning of their own, e.g. ``max_steps=-1``: train by epochs)."""
+
+    low: float
+    strict: bool = False
+    special: tuple[float, ...] = ()
+    note: str = ""
+
+    def allows(self, value: int | float) -> bool:
+        if value in self.special:
+            return True
+        return math.isfinite(value) and (value > self.low if self.strict else value >= self.low)
+
+    def describe(self, kind: str) -> str:
+        text = f"a {kind} {'>' if self.strict else '>='} {self.low:g}"
+        return f"{text} {self.note}" if self.note else text
 
 
 @dataclass
@@ -36,6 +57,8 @@ class DataSection:
     train_on_inputs: bool = True
     add_eos: bool = True
     protocol: str = "paper"  # paper: the published prompts, left padding, best checkpoint by eval loss
+
+    bounds: ClassVar[dict[str, Bound]] = {"cutoff_len": Bound(1), "val_set_size": Bound(0)}
 
 
 @dataclass
@@ -58,7 +81,15 @@ class TrainingSection:
     fp16: bool = False
     gradient_checkpointing: bool = False
     resume: bool | str = False
+    overwrite: bool = False  # a fresh run may replace another run's checkpoints and adapter in output_dir
     progress_bar: bool = True
+
+    bounds: ClassVar[dict[str, Bound]] = {
+        "epochs": Bound(0, strict=True), "max_steps": Bound(1, special=(-1,), note="(or -1: train for epochs)"),
+        "batch_size": Bound(1), "micro_batch_size": Bound(1), "learning_rate": Bound(0, strict=True),
+        "weight_decay": Bound(0), "warmup_steps": Bound(0), "eval_steps": Bound(1), "save_steps": Bound(1),
+        "save_total_limit": Bound(1), "logging_steps": Bound(1), "seed": Bound(0),
+    }
 
 
 @dataclass
@@ -101,6 +132,10 @@ def _section(cls: type, values: Any, source: str, name: str) -> Any:
         values[key] = value = _coerce_number(value, expected)
         if not _type_ok(value, expected):
             raise ConfigError(f"{source}: {name}.{key}={value!r} should be {expected}")
+        bound = getattr(cls, "bounds", {}).get(key)
+        if bound is not None and isinstance(value, (int, float)) and not bound.allows(value):
+            kind = "number" if "float" in str(expected) else "whole number"
+            raise ConfigError(f"{source}: {name}.{key}={value!r} is out of range; it must be {bound.describe(kind)}")
     return cls(**values)
 
 
@@ -131,6 +166,9 @@ def _type_ok(value: Any, annotation: str) -> bool:
 def apply_overrides(raw: dict[str, Any], overrides: list[str], source: str,
                     sections: tuple[str, ...] = (*_SECTIONS, "adapter")) -> dict[str, Any]:
     """Apply ``section.key=value`` strings (values parsed as YAML scalars) to a raw config mapping."""
+    if overrides and not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping with sections {', '.join(sections)}, "
+                          f"got {type(raw).__name__}")
     for item in overrides:
         if "=" not in item or "." not in item.split("=", 1)[0]:
             raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. training.learning_rate=1e-4")
@@ -138,7 +176,13 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str], source: str,
         section, key = dotted.split(".", 1)
         if section not in sections:
             raise ConfigError(f"--set {item!r}: unknown section {section!r}; sections: {', '.join(sections)}")
-        raw.setdefault(section, {})[key] = yaml.safe_load(text) if text else ""
+        if not isinstance(raw.setdefault(section, {}), dict):
+            raise ConfigError(f"{source}: section {section!r} must be a mapping, got {type(raw[section]).__name__}")
+        try:
+            raw[section][key] = yaml.safe_load(text) if text else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {item!r}: the value is not a valid YAML scalar: {' '.join(str(exc).split())}"
+                              ) from exc
     return raw
 
 
@@ -166,6 +210,7 @@ def parse_config(raw: Any, source: str = "<dict>") -> ExperimentConfig:
         raise ConfigError(f"{source}: data.protocol={config.data.protocol!r}; protocols: {', '.join(PROTOCOLS)}")
     if config.training.bf16 and config.training.fp16:
         raise ConfigError(f"{source}: training.bf16 and training.fp16 are both true; choose one precision")
+    _check_output_dir(config.training.output_dir, source)
     adapter_config = config.adapter_config()  # validate now, not after the model has loaded
     problem = getattr(adapter_config, "lookahead_problem", lambda _: None)(config.data.train_on_inputs)
     if problem:
@@ -174,16 +219,36 @@ def parse_config(raw: Any, source: str = "<dict>") -> ExperimentConfig:
     return config
 
 
+def _check_output_dir(output_dir: str, source: str) -> None:
+    """Refuse an output folder that is (or lies under) an existing regular file, before the model loads."""
+    path = Path(output_dir).expanduser()
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            if not candidate.is_dir():
+                where = "is an existing file" if candidate == path else f"lies under {candidate}, which is a file"
+                raise ConfigError(f"{source}: training.output_dir={output_dir!r} {where}; it must be a folder "
+                                  "(new or existing)")
+            return
+
+
+def _read_yaml_file(path: Path) -> Any:
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path} is not UTF-8 text (bad byte at offset {exc.start}); save it as UTF-8") from exc
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from exc
+
+
 def read_yaml(path: str | Path, overrides: list[str] | None = None,
               sections: tuple[str, ...] = (*_SECTIONS, "adapter")) -> dict[str, Any]:
     """A YAML config file as a mapping, with ``--set`` overrides applied; errors name the file."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    raw = _read_yaml_file(path) or {}
     return apply_overrides(raw, overrides or [], str(path), sections)
 
 
@@ -198,10 +263,7 @@ def read_experiment_record(folder: str | Path) -> tuple[Path, dict[str, Any]] | 
     folder = Path(folder)
     for candidate in (folder / EXPERIMENT_NAME, folder.parent / EXPERIMENT_NAME):
         if candidate.is_file():
-            try:
-                raw = yaml.safe_load(candidate.read_text(encoding="utf-8")) or {}
-            except yaml.YAMLError as exc:
-                raise ConfigError(f"{candidate} is not valid YAML: {exc}") from exc
+            raw = _read_yaml_file(candidate) or {}
             if not isinstance(raw, dict):
                 raise ConfigError(f"{candidate}: expected a mapping with model / adapter / data / training sections")
             return candidate, raw

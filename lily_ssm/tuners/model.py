@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -14,6 +16,7 @@ from .routing import RoutingContext, install_routing_hooks, is_causal_lm, remove
 from .targets import TargetGroup, find_targets
 
 ADAPTER_ATTR = "lily_ssm_adapter"
+MERGED_ATTR = "lily_ssm_merged"  # on model.config: content hashes of the adapters merged into the weights
 
 # Config attributes recorded to identify the base model an adapter was made for.
 _DIMENSION_KEYS = (
@@ -197,8 +200,32 @@ def _remove_adapter(model: nn.Module, state: AdapterState) -> None:
     delattr(model, ADAPTER_ATTR)
 
 
+def adapter_content_sha256(tensors: Mapping[str, torch.Tensor]) -> str:
+    """A SHA-256 of adapter tensors: their sorted names, dtypes, shapes and bytes. ``save_adapter``
+    records it as ``content_sha256`` and ``merge_adapter`` on the model, so the same weights are
+    recognised in memory and on disk."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().to("cpu").contiguous()
+        head = json.dumps([name, str(tensor.dtype).removeprefix("torch."), list(tensor.shape)])
+        digest.update(head.encode() + b"\0")
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def merged_adapters(model: nn.Module) -> list[str]:
+    """The content hashes of the adapters ``merge_adapter`` folded into ``model`` (kept on its config,
+    so ``save_pretrained`` writes them to config.json and a reload keeps them)."""
+    holder = getattr(model, "config", None)
+    recorded = getattr(holder if holder is not None else model, MERGED_ATTR, None)
+    return [h for h in recorded if isinstance(h, str)] if isinstance(recorded, (list, tuple)) else []
+
+
 def merge_adapter(model: nn.Module) -> nn.Module:
     """Fold a LoRA adapter into the base weights and remove it; returns the plain model.
+
+    The adapter's content hash is recorded (``model.config.lily_ssm_merged``), so ``load_adapter``
+    refuses to apply the same adapter again on top of the merged weights.
 
     Lily cannot be merged: its update ``A_g (Σ_i S_i B_i)`` depends on the router weights ``S``, which
     are computed from each input, so no single ΔW reproduces it.
@@ -218,5 +245,8 @@ def merge_adapter(model: nn.Module) -> nn.Module:
                 if slot.out_slice is not None:
                     weight = weight[slot.out_slice[0]:slot.out_slice[1]]
                 weight += pool.delta_weight(slot).to(weight.dtype)
+    content = adapter_content_sha256(state.tensors())
     _remove_adapter(model, state)
+    holder = getattr(model, "config", None)
+    setattr(holder if holder is not None else model, MERGED_ATTR, [*merged_adapters(model), content])
     return model
