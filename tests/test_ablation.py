@@ -142,19 +142,20 @@ def test_a_dying_arm_process_fails_only_its_arm(tmp_path, monkeypatch):
 
 
 def test_missing_data_and_a_busy_folder_stop_before_training(assets, tmp_path):
-    import os
-
     missing = language_config(assets, tmp_path / "a")
     missing["evaluation"]["data_root"] = str(tmp_path / "nowhere")
     with pytest.raises(FileNotFoundError, match="nowhere/boolq/test.json is missing"):
         run_ablation(parse_ablation(missing), log=lambda *_: None)
     assert not (tmp_path / "a").exists()
 
+    from lily_ssm.utils.lock import FolderBusyError, folder_lock
+
     busy = tmp_path / "b"
-    busy.mkdir()
-    (busy / ".lock").write_text(f"{os.getppid()}\n")  # a live process that is not this one
-    with pytest.raises(ConfigError, match="another lily-ssm ablate"):
+    with folder_lock(busy, "lily-ssm ablate"), pytest.raises(FolderBusyError, match="in use by another lily-ssm"):
         run_ablation(parse_ablation(language_config(assets, busy)), log=lambda *_: None)
+    (busy / ".lock").write_text("12345\n")  # a lock file left by a dead process holds nothing
+    run_ablation(parse_ablation(language_config(assets, busy, methods=["lora"], target_sets=["in"])),
+                 log=lambda *_: None)
 
 
 def test_an_arm_that_saved_nothing_may_rerun_with_new_training_settings(assets, tmp_path):

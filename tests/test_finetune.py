@@ -155,13 +155,11 @@ def test_quickstart_reduced_runs_end_to_end(tmp_path):
     assert set(summary["lily"]["tasks"]) == set(summary["untuned"]["tasks"]) and len(summary["lily"]["tasks"]) == 8
 
 
-def test_effective_batch_must_divide_across_processes(assets, tmp_path, monkeypatch):
+def test_effective_batch_must_divide_across_processes(assets, tmp_path):
     from lily_ssm.train.config import ConfigError
-    from lily_ssm.train.trainer import _training_arguments
+    from lily_ssm.train.trainer import accumulation_steps
 
     config = parse_config(experiment(assets, tmp_path / "run", batch_size=16, micro_batch_size=4))
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    assert _training_arguments(config, has_eval=False).gradient_accumulation_steps == 2
-    monkeypatch.setenv("WORLD_SIZE", "8")
+    assert accumulation_steps(config, world=2) == 2
     with pytest.raises(ConfigError, match="not a multiple of training.micro_batch_size=4 x 8 process"):
-        _training_arguments(config, has_eval=False)
+        accumulation_steps(config, world=8)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -25,7 +24,7 @@ def test_training_lowers_the_loss_and_reports_test_accuracy(root, tmp_path):
     experiment = load_vtab_config(TINY, [f"data.root={root}", f"training.output_dir={tmp_path}",
                                          "training.epochs=12", "training.eval_every=4"])
     result = run_vtab_task(experiment, "eurosat", log=lambda *_: None)
-    history = json.loads((tmp_path / "eurosat" / "train_state.json").read_text())["history"]
+    history = result["history"]
     assert history[-1]["loss"] < history[0]["loss"]
     assert 0.0 <= result["test_accuracy"] <= 1.0 and result["best_test_accuracy_seen"] >= result["test_accuracy"]
     assert result["head_parameters"] == 32 * 10 + 10  # eurosat has 10 classes; the head trains with the adapter
@@ -39,8 +38,8 @@ def test_an_interrupted_run_resumes(root, tmp_path):
     run_vtab_task(load_vtab_config(TINY, [*args, "training.epochs=2"]), "eurosat", log=messages.append)
     result = run_vtab_task(load_vtab_config(TINY, [*args, "training.epochs=4"]), "eurosat", log=messages.append)
     assert any("resuming after epoch 2" in m for m in messages)
-    state = json.loads((tmp_path / "eurosat" / "train_state.json").read_text())
-    assert [h["epoch"] for h in state["history"]] == [1, 2, 3, 4] and result["epochs"] == 4
+    assert [h["epoch"] for h in result["history"]] == [1, 2, 3, 4] and result["epochs"] == 4
+    assert [p.name for p in (tmp_path / "eurosat").glob("checkpoint-*")] == ["checkpoint-4"]
 
 
 def test_cli_errors(root, tmp_path, capsys):
@@ -55,3 +54,59 @@ def test_cli_errors(root, tmp_path, capsys):
 def test_shipped_vim_configs_build(path):
     experiment = load_vtab_config(path)
     assert experiment.adapter["targets"] == ["in_proj", "dt_proj", "dt_proj_b"]
+
+
+def _adapter(folder):
+    from safetensors.torch import load_file
+
+    return load_file(folder / "adapter_model.safetensors")
+
+
+def test_a_kill_inside_a_checkpoint_resumes_from_the_last_whole_one(root, tmp_path, monkeypatch):
+    """A checkpoint is one folder that appears in one rename: dying while writing epoch 2's optimizer
+    state leaves epoch 1's checkpoint, and the resumed run ends exactly where an uninterrupted one does."""
+    import torch
+
+    from lily_ssm.train import vtab
+
+    args = [f"data.root={root}", "training.epochs=3", "training.eval_every=3"]
+    run_vtab_task(load_vtab_config(TINY, [*args, f"training.output_dir={tmp_path / 'ref'}"]), "eurosat",
+                  log=lambda *_: None)
+    out = tmp_path / "run"
+    real_save = torch.save
+
+    def dying_save(obj, path, *a, **k):
+        if ".checkpoint-2." in str(path):
+            raise KeyboardInterrupt  # killed mid-checkpoint
+        return real_save(obj, path, *a, **k)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(vtab.torch, "save", dying_save)
+        with pytest.raises(KeyboardInterrupt):
+            run_vtab_task(load_vtab_config(TINY, [*args, f"training.output_dir={out}"]), "eurosat", log=lambda *_: None)
+    assert sorted(p.name for p in (out / "eurosat").iterdir() if p.name.startswith("checkpoint")) == ["checkpoint-1"]
+    messages: list[str] = []
+    run_vtab_task(load_vtab_config(TINY, [*args, f"training.output_dir={out}"]), "eurosat", log=messages.append)
+    assert any("resuming after epoch 1" in m for m in messages)
+    final, reference = _adapter(out / "eurosat"), _adapter(tmp_path / "ref" / "eurosat")
+    assert all(torch.equal(final[k], reference[k]) for k in reference)
+
+
+def test_other_settings_and_non_finite_losses_are_refused(root, tmp_path):
+    from lily_ssm.train.config import ConfigError
+    from lily_ssm.train.guards import TrainingDivergedError
+    from lily_ssm.utils.lock import FolderBusyError, folder_lock
+
+    args = [f"data.root={root}", f"training.output_dir={tmp_path}", "training.epochs=1"]
+    run_vtab_task(load_vtab_config(TINY, args), "eurosat", log=lambda *_: None)
+    with pytest.raises(ConfigError, match="checkpoint-1 was trained with other settings "
+                                          r"\(training.learning_rate: 0.001 now, 0.005 in the folder\)"):
+        run_vtab_task(load_vtab_config(TINY, [*args, "training.learning_rate=1e-3"]), "eurosat", log=lambda *_: None)
+    run_vtab_task(load_vtab_config(TINY, [*args, "training.learning_rate=1e-3", "training.overwrite=true"]),
+                  "eurosat", log=lambda *_: None)
+    with folder_lock(tmp_path / "eurosat"), pytest.raises(FolderBusyError):
+        run_vtab_task(load_vtab_config(TINY, args), "eurosat", log=lambda *_: None)
+    with pytest.raises(TrainingDivergedError, match="training stopped at step \\d+: eurosat: .*not finite"):
+        run_vtab_task(load_vtab_config(TINY, [f"data.root={root}", f"training.output_dir={tmp_path / 'nan'}",
+                                              "training.learning_rate=1e38"]), "eurosat", log=lambda *_: None)
+    assert not (tmp_path / "nan" / "eurosat" / "adapter_model.safetensors").exists()

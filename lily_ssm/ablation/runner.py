@@ -10,7 +10,7 @@ Layout of ``ablation.output_dir``::
     <arm>/log.txt            the arm's progress
     <arm>/adapter/ or <arm>/<task>/   the trained adapter(s); <arm>/eval/ the predictions
     results.csv, results.json, summary.md
-    .lock                    held by the running ``ablate`` (one per folder at a time)
+    .lock                    flock-ed by the running ``ablate`` (one per folder at a time)
 
 Each arm runs in a fresh process so its peak memory (peak RSS of that process; peak CUDA memory
 when on a GPU) is its own.
@@ -18,7 +18,6 @@ when on a GPU) is its own.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import json
@@ -33,13 +32,13 @@ from typing import Any
 
 from ..train.config import ConfigError
 from ..utils.atomic import write_atomic
+from ..utils.lock import folder_lock
 from .arms import Arm, describe_arm, plan_arms
 from .config import AblationConfig
 
 RESULT_NAME = "result.json"
 ARM_NAME = "arm.json"
 FAILURE_NAME = "failure.json"
-LOCK_NAME = ".lock"
 
 
 def arm_spec(config: AblationConfig, arm: Arm) -> dict[str, Any]:
@@ -64,7 +63,7 @@ def run_ablation(config: AblationConfig, log: Any = print, dry_run: bool = False
     if dry_run:
         return {"arms": [arm.to_dict() for arm in arms], "rows": []}
     check_data(config)  # a missing test set should not cost a training run per arm
-    with _lock(out):
+    with folder_lock(out, "lily-ssm ablate"):
         return _run_arms(config, arms, out, log)
 
 
@@ -162,33 +161,6 @@ def _run_processes(payloads: list[dict[str, Any]], workers: int) -> Iterator[tup
             else:
                 yield name, {"status": "failed", "error": f"the arm's process exited with code {process.exitcode} "
                                                           "(killed, e.g. out of memory?)"}
-
-
-@contextlib.contextmanager
-def _lock(out: Path) -> Iterator[None]:
-    """One ``ablate`` per output folder at a time (a stale lock of a dead process is taken over)."""
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / LOCK_NAME
-    text = path.read_text().strip() if path.is_file() else ""
-    pid = int(text) if text.isdigit() else 0
-    if pid and pid != os.getpid() and _alive(pid):
-        raise ConfigError(f"another lily-ssm ablate (process {pid}) is using {out}; wait for it, or delete "
-                          f"{path} if it is gone")
-    write_atomic(path, f"{os.getpid()}\n")
-    try:
-        yield
-    finally:
-        path.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, belongs to someone else
-        return True
-    return True
 
 
 def _read_json(path: Path) -> dict[str, Any]:

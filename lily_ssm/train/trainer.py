@@ -1,6 +1,10 @@
-"""Fine-tuning on top of the transformers ``Trainer``: DDP / FSDP / DeepSpeed via ``torchrun`` or
-``accelerate launch`` need no code here. What this adds: adapter-only checkpoints in lily-ssm's
-safetensors format, resuming from them, and a JSON-lines log with loss, learning rate and tokens/s.
+"""Fine-tuning on top of the transformers ``Trainer``; data-parallel training under ``torchrun`` or
+``accelerate launch`` (gloo on CPU, NCCL on GPU), where rank 0 alone writes.
+
+What this adds: adapter-only checkpoints in lily-ssm's safetensors format that count only when complete
+(:mod:`.run_folder`), resuming from the newest complete one of the same run, one run per folder (an
+OS lock), a stop with an error at the first non-finite loss, gradient or weight, and a JSON-lines log
+with loss, learning rate and tokens/s.
 
 ``data.protocol: paper`` trains as the published ``finetune.py`` does: its prompt, left padding, and
 with a validation set the checkpoint with the lowest validation loss as the result
@@ -8,35 +12,48 @@ with a validation set the checkpoint with the lowest validation loss as the resu
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments, set_seed
-from transformers.trainer_utils import get_last_checkpoint
 
-from ..data.commonsense import load_train_dataset, tokenize_row
+from ..data.commonsense import DataError, load_train_dataset, tokenize_row
 from ..models.loading import load_model_and_tokenizer
 from ..persistence import load_adapter, save_adapter
 from ..report import parameter_report
 from ..tuners import apply_adapter
-from ..utils.atomic import write_atomic
+from ..utils.atomic import append_line, write_atomic
+from ..utils.lock import folder_lock
 from .config import EXPERIMENT_NAME, ConfigError, ExperimentConfig
+from .guards import all_finite, diverged
+from .run_folder import mark_checkpoint_complete, prepare_run_folder, rotate_checkpoints
 
 LOG_NAME = "train_log.jsonl"
 
 
 class AdapterTrainer(Trainer):
-    """``Trainer`` whose checkpoints hold only the adapter (plus the optimizer/scheduler state it keeps)."""
+    """``Trainer`` whose checkpoints hold only the adapter (plus the optimizer/scheduler state it keeps),
+    marked complete when every file is written, and which stops at the first non-finite value."""
 
-    def __init__(self, *args: Any, log_path: str | Path | None = None, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, log_path: str | Path | None = None, keep_checkpoints: int | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.log_path = Path(log_path) if log_path else None
+        self.keep_checkpoints = keep_checkpoints  # rotation happens here, after a checkpoint is complete
         self._last_log: tuple[float, int] | None = None
+        self._finite_losses: torch.Tensor | None = None
+        self.add_callback(_StopOnNonFinite(self))
+
+    def _write_log(self, record: dict[str, Any]) -> None:
+        if self.log_path is not None and self.args.should_save:
+            append_line(self.log_path, json.dumps(record))
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         output_dir = output_dir or self.args.output_dir
@@ -46,15 +63,27 @@ class AdapterTrainer(Trainer):
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
 
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        super()._save_checkpoint(model, trial)  # transformers' own rotation is off (save_total_limit=None)
+        self.accelerator.wait_for_everyone()  # every rank's files (e.g. its RNG state) are in before the marker
+        if self.args.should_save:
+            run_dir = Path(self._get_output_dir(trial=trial))
+            mark_checkpoint_complete(run_dir / f"checkpoint-{self.state.global_step}", self.state.global_step)
+            rotate_checkpoints(run_dir, self.keep_checkpoints, self.state.best_model_checkpoint)
+
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
         load_adapter(self.accelerator.unwrap_model(model or self.model), resume_from_checkpoint)
 
     def _load_best_model(self) -> None:
         best = self.state.best_model_checkpoint
         load_adapter(self.accelerator.unwrap_model(self.model), best)
-        if self.log_path is not None and self.args.should_save:
-            with open(self.log_path, "a", encoding="utf-8") as handle:
-                handle.write(json.dumps({"best_checkpoint": best, "best_eval_loss": self.state.best_metric}) + "\n")
+        self._write_log({"best_checkpoint": best, "best_eval_loss": self.state.best_metric})
+
+    def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        finite = torch.isfinite(loss.detach()).all()  # checked once per optimizer step: no sync here
+        self._finite_losses = finite if self._finite_losses is None else self._finite_losses & finite
+        return loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         now, tokens = time.perf_counter(), self.state.num_input_tokens_seen
@@ -63,10 +92,31 @@ class AdapterTrainer(Trainer):
         if "loss" in logs or self._last_log is None:
             self._last_log = (now, tokens)
         super().log(logs, start_time)
-        if self.log_path is not None and self.args.should_save:
-            record = {"step": self.state.global_step, "epoch": self.state.epoch, **logs}
-            with open(self.log_path, "a", encoding="utf-8") as handle:
-                handle.write(json.dumps(record) + "\n")
+        self._write_log({"step": self.state.global_step, "epoch": self.state.epoch, **logs})
+
+
+class _StopOnNonFinite(TrainerCallback):
+    """Raise :class:`~.guards.TrainingDivergedError` naming the step at the first non-finite loss (any micro-batch),
+    gradient (before the optimizer step; under fp16 the loss scaler skips such steps by design) or adapter
+    weight (after the step, before anything is saved)."""
+
+    def __init__(self, trainer: AdapterTrainer) -> None:
+        self.trainer = trainer
+
+    def _params(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.trainer.model.parameters() if p.requires_grad]
+
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        step, trainer = state.global_step + 1, self.trainer
+        losses, trainer._finite_losses = trainer._finite_losses, None
+        if losses is not None and not bool(losses):
+            raise diverged(step, "the training loss is not finite")
+        if not args.fp16 and not all_finite(p.grad for p in self._params()):
+            raise diverged(step, "a gradient of the adapter is not finite")
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if not all_finite(self._params()):
+            raise diverged(state.global_step, "an adapter weight is not finite after the optimizer step")
 
 
 class _AlreadyTrained(Exception):
@@ -96,6 +146,17 @@ def training_seconds(log_path: str | Path) -> float:
     return sum(runs)
 
 
+def accumulation_steps(config: ExperimentConfig, world: int | None = None) -> int:
+    """Micro-batches per optimizer step, so that ``micro_batch_size x steps x processes = batch_size``."""
+    t = config.training
+    world = int(os.environ.get("WORLD_SIZE", "1")) if world is None else world
+    if t.batch_size % (t.micro_batch_size * world):
+        raise ConfigError(f"{config.source}: training.batch_size={t.batch_size} is not a multiple of "
+                          f"training.micro_batch_size={t.micro_batch_size} x {world} process(es); the "
+                          "effective batch would silently change")
+    return t.batch_size // (t.micro_batch_size * world)
+
+
 def _training_arguments(config: ExperimentConfig, has_eval: bool) -> TrainingArguments:
     t = config.training
     best_at_end = config.data.protocol == "paper" and has_eval
@@ -103,12 +164,7 @@ def _training_arguments(config: ExperimentConfig, has_eval: bool) -> TrainingArg
         raise ConfigError(f"{config.source}: data.protocol: paper keeps the checkpoint with the lowest validation "
                           f"loss, so training.save_steps={t.save_steps} must be a multiple of training.eval_steps="
                           f"{t.eval_steps} (the published runs use 200 and 200)")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if t.batch_size % (t.micro_batch_size * world):
-        raise ConfigError(f"{config.source}: training.batch_size={t.batch_size} is not a multiple of "
-                          f"training.micro_batch_size={t.micro_batch_size} x {world} process(es); the "
-                          "effective batch would silently change")
-    accumulation = t.batch_size // (t.micro_batch_size * world)
+    accumulation = accumulation_steps(config)
     return TrainingArguments(
         output_dir=t.output_dir,
         num_train_epochs=t.epochs,
@@ -125,7 +181,7 @@ def _training_arguments(config: ExperimentConfig, has_eval: bool) -> TrainingArg
         eval_steps=t.eval_steps if has_eval else None,
         save_strategy="steps",
         save_steps=t.save_steps,
-        save_total_limit=t.save_total_limit,
+        save_total_limit=None,  # AdapterTrainer rotates, once a checkpoint is complete
         load_best_model_at_end=best_at_end,
         metric_for_best_model="eval_loss" if best_at_end else None,
         seed=t.seed,
@@ -138,6 +194,8 @@ def _training_arguments(config: ExperimentConfig, has_eval: bool) -> TrainingArg
         report_to="none",
         remove_unused_columns=False,
         dataloader_pin_memory=torch.cuda.is_available(),
+        use_cpu=not torch.cuda.is_available(),  # also makes accelerate set up gloo under torchrun on CPU
+        ddp_find_unused_parameters=False,
     )
 
 
@@ -148,58 +206,93 @@ def training_collator(tokenizer: Any, protocol: str) -> DataCollatorForSeq2Seq:
     return DataCollatorForSeq2Seq(tokenizer, pad_to_multiple_of=8, return_tensors="pt", padding=True)
 
 
-def _resume_checkpoint(config: ExperimentConfig) -> str | None:
-    resume = config.training.resume
-    if resume is False or resume is None:
-        return None
-    if resume is True:
-        folder = config.training.output_dir
-        last = get_last_checkpoint(folder) if os.path.isdir(folder) else None
-        return last  # nothing saved yet: start from scratch
-    if not os.path.isdir(str(resume)):
-        raise ConfigError(f"{config.source}: training.resume={resume!r} is not a checkpoint folder")
-    return str(resume)
+def _on_rank_zero(args: TrainingArguments, work: Callable[[], Any]) -> Any:
+    """Run ``work`` on the main process only and give every process its result, or raise its error on
+    every process (so no rank waits forever for one that failed)."""
+    if args.world_size <= 1:
+        return work()
+    import torch.distributed as dist
+
+    outcome: list[Any] = [None]
+    if args.process_index == 0:
+        try:
+            outcome = [("ok", work())]
+        except Exception as exc:  # re-raised below, on every rank
+            outcome = [("error", exc)]
+    dist.broadcast_object_list(outcome, src=0)
+    kind, value = outcome[0]
+    if kind == "error":
+        raise value
+    return value
+
+
+def count_untrained_rows(labels: list[list[int]]) -> int:
+    """Rows with no token to predict (labels[0] is never a target): their response was cut away."""
+    return sum(not any(label != -100 for label in row[1:]) for row in labels)
+
+
+def _check_targets(splits: Any, config: ExperimentConfig, log: Any) -> None:
+    d = config.data
+    for name in splits:
+        empty, total = count_untrained_rows(splits[name]["labels"]), len(splits[name])
+        if not empty:
+            continue
+        why = (f"{empty} of {total} {name} rows have no response token left within data.cutoff_len={d.cutoff_len}"
+               + (" (train_on_inputs: false masks their prompt)" if not d.train_on_inputs else ""))
+        if name == "train" and empty == total:
+            raise DataError(f"{d.train_file}: {why}, so training would learn nothing; raise data.cutoff_len")
+        log(f"warning: {why}; they add nothing to the {'loss' if name == 'train' else 'validation loss'}")
 
 
 def run_training(config: ExperimentConfig, log: Any = print) -> dict[str, Any]:
     """Load the base model, inject the adapter, fine-tune, and save the final adapter to
-    ``training.output_dir``. Returns the trainer's metrics and where things were written."""
+    ``training.output_dir``. Returns the trainer's metrics and where things were written.
+
+    The folder is locked for the run's whole life and checked against it first (see
+    :func:`~lily_ssm.train.run_folder.prepare_run_folder`); under ``torchrun`` only rank 0 writes."""
     adapter_config = config.adapter_config()
-    m = config.model
-    model, tokenizer = load_model_and_tokenizer(m.name_or_path, m.dtype, m.device_map, m.tokenizer,
-                                                m.trust_remote_code)
-    set_seed(config.training.seed)  # the adapter's initial weights are part of the run
-    apply_adapter(model, adapter_config)
-    log(str(parameter_report(model)))
+    d, t = config.data, config.training
+    args = _training_arguments(config, d.val_set_size > 0)  # under torchrun: joins the process group
+    main = args.process_index == 0
+    log = log if main else (lambda *_: None)
+    out = Path(t.output_dir)
+    with contextlib.ExitStack() as stack:
+        def prepare() -> str | None:
+            stack.enter_context(folder_lock(out, "training run"))
+            checkpoint = prepare_run_folder(config, log)
+            write_atomic(out / EXPERIMENT_NAME, yaml.safe_dump(config.to_dict(), sort_keys=False))
+            return checkpoint
 
-    d = config.data
-    splits = load_train_dataset(d.train_file, d.val_set_size, config.training.seed)
-    columns = splits["train"].column_names
-    splits = splits.map(lambda row: tokenize_row(row, tokenizer, d.cutoff_len, d.train_on_inputs, d.add_eos,
-                                                 d.protocol), remove_columns=columns)
-    out = Path(config.training.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / EXPERIMENT_NAME, yaml.safe_dump(config.to_dict(), sort_keys=False))
+        checkpoint = _on_rank_zero(args, prepare)  # before the model loads: a refused folder costs nothing
+        m = config.model
+        model, tokenizer = load_model_and_tokenizer(m.name_or_path, m.dtype, m.device_map, m.tokenizer,
+                                                    m.trust_remote_code)
+        set_seed(t.seed)  # the adapter's initial weights are part of the run
+        apply_adapter(model, adapter_config)
+        log(str(parameter_report(model)))
 
-    trainer = AdapterTrainer(
-        model=model,
-        args=_training_arguments(config, "validation" in splits),
-        train_dataset=splits["train"],
-        eval_dataset=splits.get("validation"),
-        data_collator=training_collator(tokenizer, d.protocol),
-        processing_class=tokenizer,
-        log_path=out / LOG_NAME,
-    )
-    checkpoint = _resume_checkpoint(config)
-    if trainer.args.should_save:  # mark where this run's records begin
-        with open(out / LOG_NAME, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps({"run_start": True, "resume_from": checkpoint}) + "\n")
-    trainer.add_callback(_StopWhenAlreadyTrained())
-    try:
-        metrics = trainer.train(resume_from_checkpoint=checkpoint).metrics
-    except _AlreadyTrained:
-        log(f"{checkpoint} already holds all {trainer.state.max_steps} steps; nothing left to train")
-        metrics = {"train_runtime": 0.0}
-    trainer.save_model(str(out))
-    return {"metrics": metrics, "adapter": str(out), "log": str(out / LOG_NAME),
+        splits = load_train_dataset(d.train_file, d.val_set_size, t.seed)
+        columns = splits["train"].column_names
+        splits = splits.map(lambda row: tokenize_row(row, tokenizer, d.cutoff_len, d.train_on_inputs, d.add_eos,
+                                                     d.protocol), remove_columns=columns)
+        _check_targets(splits, config, log)
+        trainer = AdapterTrainer(
+            model=model,
+            args=args,
+            train_dataset=splits["train"],
+            eval_dataset=splits.get("validation"),
+            data_collator=training_collator(tokenizer, d.protocol),
+            processing_class=tokenizer,
+            log_path=out / LOG_NAME,
+            keep_checkpoints=t.save_total_limit,
+        )
+        trainer._write_log({"run_start": True, "resume_from": checkpoint})  # where this run's records begin
+        trainer.add_callback(_StopWhenAlreadyTrained())
+        try:
+            metrics = trainer.train(resume_from_checkpoint=checkpoint).metrics
+        except _AlreadyTrained:
+            log(f"{checkpoint} already holds all {trainer.state.max_steps} steps; nothing left to train")
+            metrics = {"train_runtime": 0.0}
+        trainer.save_model(str(out))
+    return {"metrics": metrics, "adapter": str(out), "log": str(out / LOG_NAME), "main_process": main,
             "global_step": trainer.state.global_step, "model": model, "tokenizer": tokenizer}

@@ -2,7 +2,9 @@
 
 A plain loop (AdamW, linear warmup then cosine decay, per step): small enough to read at once. The
 classifier head is new for every task and trains with the adapter (``modules_to_save``). After every
-epoch the adapter, head and optimizer state are checkpointed, so an interrupted run resumes. The
+epoch the adapter, head, optimizer state and progress are checkpointed as one unit, a folder
+``checkpoint-<epoch>/`` that appears in one rename, so an interrupted run resumes from a consistent
+state; the folder is locked while a task trains, and a rerun with other settings is refused. The
 reported figure is the test accuracy after the final epoch; the best test accuracy seen during training
 (the published code's figure, i.e. selection on the test set) is kept only as a labelled extra.
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,8 +28,12 @@ from ..models.vim import VIM_PRESETS, VimConfig, VimGeometry, VisionMamba, load_
 from ..persistence import load_adapter, save_adapter
 from ..report import parameter_report
 from ..tuners import apply_adapter, config_from_dict
-from ..utils.atomic import write_atomic
+from ..utils.atomic import atomic_folder, write_atomic
+from ..utils.lock import folder_lock
+from ..utils.safe_load import load_tensors_file
 from .config import ConfigError, parse_sections, read_yaml
+from .guards import all_finite, diverged
+from .run_folder import differences_between
 
 STATE_NAME = "train_state.json"
 OPTIMIZER_NAME = "optimizer.pt"
@@ -56,6 +63,7 @@ class VtabTrainingSection:
     warmup_epochs: int = 10
     eval_every: int = 10
     seed: int = 42
+    overwrite: bool = False  # start over when checkpoints of other settings are there
 
 
 @dataclass
@@ -173,17 +181,60 @@ def run_vtab_task(experiment: VtabExperiment, task: str, log: Any = print) -> di
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, _lr_lambda(t.warmup_epochs * steps_per_epoch, t.epochs * steps_per_epoch))
 
-    state: dict[str, Any] = {"epoch": 0, "history": [], "best_test_accuracy": None}
-    if (out / STATE_NAME).is_file():
-        state = json.loads((out / STATE_NAME).read_text())
-        load_adapter(model, out)
-        optimizer.load_state_dict(torch.load(out / OPTIMIZER_NAME, weights_only=True))
-        scheduler.last_epoch = state["epoch"] * steps_per_epoch
-        log(f"{task}: resuming after epoch {state['epoch']}")
-    report = parameter_report(model)
-    log(f"{task}: {NUM_CLASSES[task]} classes, {len(train)} train / {len(test)} test images, "
-        f"{report.adapter_total:,} adapter + {report.other_trainable:,} head parameters")
+    with folder_lock(out, "VTAB run"):
+        return _train_task(experiment, task, model, optimizer, scheduler, train_loader, test_loader, generator, log)
 
+
+def vtab_fingerprint(experiment: VtabExperiment, task: str) -> dict[str, Any]:
+    """``section.key -> value`` for the settings a task's result depends on."""
+    sections = {"model": asdict(experiment.model), "adapter": task_adapter(experiment, task),
+                "data": {"batch_size": experiment.data.batch_size}, "training": asdict(experiment.training)}
+    skip = {"training.output_dir", "training.overwrite", "training.eval_every"}
+    flat = {f"{name}.{key}": value for name, values in sections.items() for key, value in values.items()
+            if f"{name}.{key}" not in skip}
+    return json.loads(json.dumps(flat, sort_keys=True, default=str))
+
+
+def _latest_checkpoint(out: Path) -> Path | None:
+    found = sorted((int(p.name.split("-")[1]), p) for p in out.glob("checkpoint-*")
+                   if p.is_dir() and p.name.split("-")[1].isdigit())
+    return found[-1][1] if found else None
+
+
+def _train_task(experiment: VtabExperiment, task: str, model: nn.Module, optimizer: Any, scheduler: Any,
+                train_loader: DataLoader, test_loader: DataLoader, generator: torch.Generator,
+                log: Any) -> dict[str, Any]:
+    t = experiment.training
+    out = Path(t.output_dir) / task
+    steps_per_epoch = len(train_loader)
+    current = vtab_fingerprint(experiment, task)
+    latest = _latest_checkpoint(out)
+    if latest is not None and t.overwrite:
+        for folder in out.glob("checkpoint-*"):
+            shutil.rmtree(folder)
+        latest = None
+    state: dict[str, Any] = {"epoch": 0, "history": [], "best_test_accuracy": None}
+    if latest is not None:
+        saved = json.loads((latest / STATE_NAME).read_text())
+        differences = differences_between(saved.get("fingerprint", {}), current, ("training.epochs",))
+        if differences:
+            raise ConfigError(f"{experiment.source}: {latest} was trained with other settings "
+                              f"({'; '.join(differences)}); use another training.output_dir, or set "
+                              "training.overwrite: true to start over")
+        if saved["fingerprint"].get("training.epochs") != t.epochs:
+            log(f"warning: {task}: resuming with training.epochs={t.epochs} (was "
+                f"{saved['fingerprint'].get('training.epochs')}): the schedule of the epochs already run followed "
+                "the old length")
+        state = saved["state"]
+        load_adapter(model, latest)
+        optimizer.load_state_dict(load_tensors_file(latest / OPTIMIZER_NAME, "optimizer state"))
+        scheduler.last_epoch = state["epoch"] * steps_per_epoch
+        log(f"{task}: resuming after epoch {state['epoch']} ({latest})")
+    report = parameter_report(model)
+    log(f"{task}: {NUM_CLASSES[task]} classes, {len(train_loader.dataset)} train / {len(test_loader.dataset)} test "
+        f"images, {report.adapter_total:,} adapter + {report.other_trainable:,} head parameters")
+
+    params = [p for p in model.parameters() if p.requires_grad]
     for epoch in range(state["epoch"] + 1, t.epochs + 1):
         model.train()
         start, losses = time.perf_counter(), []
@@ -191,7 +242,12 @@ def run_vtab_task(experiment: VtabExperiment, task: str, log: Any = print) -> di
         for pixels, labels in train_loader:
             loss = nn.functional.cross_entropy(model(pixels), labels)
             loss.backward()
+            step = (epoch - 1) * steps_per_epoch + len(losses) + 1
+            if not all_finite([loss.detach(), *(p.grad for p in params)]):
+                raise diverged(step, f"{task}: the loss or a gradient is not finite")
             optimizer.step()
+            if not all_finite(params):
+                raise diverged(step, f"{task}: an adapter weight is not finite after the optimizer step")
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(loss.item())
@@ -206,19 +262,30 @@ def run_vtab_task(experiment: VtabExperiment, task: str, log: Any = print) -> di
         state["epoch"] = epoch
         log(f"{task} epoch {epoch}/{t.epochs}: " + ", ".join(f"{k} {v:.4g}" for k, v in record.items()
                                                            if k != "epoch"))
-        save_adapter(model, out)
-        write_atomic(out / OPTIMIZER_NAME, lambda path: torch.save(optimizer.state_dict(), path))
-        write_atomic(out / STATE_NAME, json.dumps(state, indent=1) + "\n")
+        _save_checkpoint(out, epoch, model, optimizer, {"fingerprint": current, "state": state})
 
+    save_adapter(model, out)  # the task's adapter, beside its result
     result = {"task": task, "group": next(g for g, ts in GROUPS.items() if task in ts),
               "test_accuracy": state["history"][-1].get("test_accuracy"),
               "best_test_accuracy_seen": state["best_test_accuracy"], "epochs": state["epoch"],
               "train_seconds": round(sum(h["seconds"] for h in state["history"]), 2),
               "adapter_parameters": report.adapter_total, "head_parameters": report.other_trainable,
+              "history": state["history"],
               "config": {"model": asdict(experiment.model), "adapter": task_adapter(experiment, task),
                          "training": asdict(experiment.training)}}
     write_atomic(out / "result.json", json.dumps(result, indent=1) + "\n")
     return result
+
+
+def _save_checkpoint(out: Path, epoch: int, model: nn.Module, optimizer: Any, record: dict[str, Any]) -> None:
+    """``checkpoint-<epoch>/`` (adapter + head, optimizer state, progress), in one rename; older ones go."""
+    with atomic_folder(out / f"checkpoint-{epoch}") as tmp:
+        save_adapter(model, tmp)
+        torch.save(optimizer.state_dict(), tmp / OPTIMIZER_NAME)
+        (tmp / STATE_NAME).write_text(json.dumps(record, indent=1) + "\n")
+    for folder in out.glob("checkpoint-*"):
+        if folder.name != f"checkpoint-{epoch}" and folder.is_dir():
+            shutil.rmtree(folder)
 
 
 def summarize(results: dict[str, dict[str, Any]], output_dir: str | Path) -> str:
