@@ -36,7 +36,8 @@ EXPERIMENT: dict[str, Any] = {
              "train_on_inputs": False, "protocol": "clean"},
     "training": {"output_dir": "lily-quickstart/adapter", "epochs": 1.0, "max_steps": 800, "batch_size": 8,
                  "micro_batch_size": 8, "learning_rate": 2.0e-2, "warmup_steps": 20, "lr_scheduler": "linear",
-                 "save_steps": 400, "save_total_limit": 1, "logging_steps": 50, "seed": 0},
+                 "save_steps": 400, "save_total_limit": 1, "logging_steps": 50, "seed": 0,
+                 "overwrite": True},  # each quickstart starts over in its own folder
 }
 # The tiny word-level tokenizer lowercases and drops spaces, so the paper protocol's split on "### Response:"
 # cannot be applied to its decoded text: the quickstart uses the clean protocol, greedy.

@@ -153,6 +153,8 @@ def test_quickstart_reduced_runs_end_to_end(tmp_path):
         assert (tmp_path / "qs" / name).is_file(), name
     assert (tmp_path / "qs" / "router_weights.png").stat().st_size > 1000
     assert set(summary["lily"]["tasks"]) == set(summary["untuned"]["tasks"]) and len(summary["lily"]["tasks"]) == 8
+    again = run_quickstart(tmp_path / "qs", reduced=True, log=lambda *_: None)  # a second run starts over
+    assert again["lily"]["average"] == summary["lily"]["average"]
 
 
 def test_effective_batch_must_divide_across_processes(assets, tmp_path):

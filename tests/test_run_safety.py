@@ -190,3 +190,13 @@ def test_rows_with_nothing_left_to_learn_are_counted_or_refused(assets, tmp_path
         run_training(parse_config({**experiment(assets, tmp_path / "b", max_steps=2),
                                    "data": {**experiment(assets, "")["data"], "cutoff_len": prompts[0] - 1,
                                             "train_on_inputs": False}}), log=lambda *_: None)
+
+
+def test_the_log_is_not_written_through_a_planted_symlink(assets, tmp_path):
+    out, elsewhere = tmp_path / "run", tmp_path / "elsewhere.txt"
+    out.mkdir()
+    elsewhere.write_text("precious\n")
+    (out / "train_log.jsonl").symlink_to(elsewhere)
+    with pytest.raises(OSError, match="train_log.jsonl is a symbolic link; refusing to write through it"):
+        train(assets, out, max_steps=1)
+    assert elsewhere.read_text() == "precious\n"

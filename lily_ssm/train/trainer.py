@@ -286,6 +286,10 @@ def run_training(config: ExperimentConfig, log: Any = print) -> dict[str, Any]:
             log_path=out / LOG_NAME,
             keep_checkpoints=t.save_total_limit,
         )
+        for engine, enabled in (("FSDP", trainer.is_fsdp_enabled), ("DEEPSPEED", trainer.is_deepspeed_enabled)):
+            if os.environ.get(f"ACCELERATE_USE_{engine}", "").lower() == "true" and not enabled:
+                log(f"warning: accelerate was asked for {engine} (ACCELERATE_USE_{engine}), but the Trainer runs "
+                    "plain data parallelism (DDP): every process holds the whole model")
         trainer._write_log({"run_start": True, "resume_from": checkpoint})  # where this run's records begin
         trainer.add_callback(_StopWhenAlreadyTrained())
         try:
