@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from .. import ops
+from ..modules.recompute import core_parameters, fused_enabled, recompute
 from ..tuners.base import linear_without_bias
 from ..utils.safe_load import load_tensors_file
 
@@ -197,13 +198,26 @@ class VimMixer(nn.Module):
         )
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """``hidden_states (batch, seqlen, d_model)`` -> ``(batch, seqlen, d_model)``."""
+        """``hidden_states (batch, seqlen, d_model)`` -> ``(batch, seqlen, d_model)``.
+
+        With gradients on, each direction's core (convolution → x_proj → Δ → scan) keeps only the
+        in_proj output for backward and is recomputed there (:mod:`lily_ssm.modules.recompute`)."""
         dtype = hidden_states.dtype
         x, z = self.in_proj(hidden_states).transpose(1, 2).chunk(2, dim=1)  # (b, d_inner, t) each
-        y_f = self._direction(x, z, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D)
-        y_b = self._direction(x.flip(-1), z.flip(-1), self.conv1d_b, self.x_proj_b, self.dt_proj_b,
-                              self.A_b_log, self.D_b).flip(-1)
-        y = (y_f.float() + y_b.float()) / 2
+        directions = ((False, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D),
+                      (True, self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b))
+        ys = []
+        for flip, conv1d, x_proj, dt_proj, A_log, D in directions:
+            def core(x, z, flip=flip, conv1d=conv1d, x_proj=x_proj, dt_proj=dt_proj, A_log=A_log, D=D):
+                if flip:
+                    return (self._direction(x.flip(-1), z.flip(-1), conv1d, x_proj, dt_proj, A_log, D).flip(-1),)
+                return (self._direction(x, z, conv1d, x_proj, dt_proj, A_log, D),)
+
+            if fused_enabled():
+                ys.append(recompute(core, (x, z), core_parameters((conv1d, x_proj, dt_proj), (A_log, D)))[0])
+            else:
+                ys.append(core(x, z)[0])
+        y = (ys[0].float() + ys[1].float()) / 2
         return self.out_proj(y.transpose(1, 2).to(dtype))
 
 

@@ -18,6 +18,7 @@ from torch import nn
 
 from .. import ops
 from ..tuners.base import linear_without_bias
+from .recompute import core_parameters, fused_enabled, recompute
 
 _MIXER_CLASSES = ("MambaMixer", "FalconMambaMixer")
 
@@ -31,7 +32,12 @@ def _mask_padding(hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> 
 
 def mamba_mixer_forward(self: nn.Module, hidden_states: torch.Tensor, cache: Any = None,
                         attention_mask: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
-    """Forward of a transformers Mamba-1 mixer with every projection called as a module."""
+    """Forward of a transformers Mamba-1 mixer with every projection called as a module.
+
+    With gradients on, the SSM core (convolution → x_proj → Δ → scan) is fused: only the in_proj
+    output is kept for backward, the rest is recomputed (:mod:`.recompute`), as ``mamba_inner_fn``
+    does; cache updates stay outside the recomputed part.
+    """
     if cache is None:
         cache = kwargs.get("cache_params")
     seq_len, dtype = hidden_states.shape[1], hidden_states.dtype
@@ -46,37 +52,53 @@ def mamba_mixer_forward(self: nn.Module, hidden_states: torch.Tensor, cache: Any
     conv_weight = self.conv1d.weight.squeeze(1)
     if conv_state is not None and seq_len == 1 and not cache.is_recording_past(self.layer_idx):
         x = ops.causal_conv1d_update(x, conv_state, conv_weight, self.conv1d.bias, activation=self.activation)
-    else:
-        if cache is not None:  # prefill or chunked continuation: the cache prepends its window
-            x = cache.update_conv_state(x, self.layer_idx, conv_kernel_size=self.conv_kernel_size)
-        x = ops.causal_conv1d(x, conv_weight, self.conv1d.bias, activation=self.activation)[..., -seq_len:]
-    x = _mask_padding(x.transpose(1, 2), attention_mask)  # (b, t, d)
-
-    time_step, B, C = torch.split(
-        self.x_proj(x), [self.time_step_rank, self.ssm_state_size, self.ssm_state_size], dim=-1
-    )
-    if hasattr(self, "dt_layernorm"):  # Falcon-Mamba: RMS norms on Δ, B and C before the scan
-        time_step, B, C = self.dt_layernorm(time_step), self.b_layernorm(B), self.c_layernorm(C)
-    delta, delta_bias = linear_without_bias(self.dt_proj, time_step)  # adapted Δ, bias kept apart
-    A = -torch.exp(self.A_log.float())
-    delta_bias = delta_bias.float() if delta_bias is not None else None
-
-    if recurrent_state is not None and seq_len == 1:
+        x = _mask_padding(x.transpose(1, 2), attention_mask)
+        time_step, B, C, delta, delta_bias = _delta(self, x)
         y = ops.selective_state_update(
-            recurrent_state, x[:, 0], delta[:, 0], A, B[:, 0], C[:, 0], self.D, z=gate[:, 0],
-            dt_bias=delta_bias, dt_softplus=True,
+            recurrent_state, x[:, 0], delta[:, 0], -torch.exp(self.A_log.float()), B[:, 0], C[:, 0], self.D,
+            z=gate[:, 0], dt_bias=delta_bias, dt_softplus=True,
         ).unsqueeze(1)
-    else:
+        return self.out_proj(y.to(dtype))
+
+    if cache is not None:  # prefill or chunked continuation: the cache prepends its window
+        x = cache.update_conv_state(x, self.layer_idx, conv_kernel_size=self.conv_kernel_size)
+    initial = recurrent_state.clone() if recurrent_state is not None else None  # the cache may change in place
+
+    def core(x: torch.Tensor, gate: torch.Tensor, initial: torch.Tensor | None = None) -> tuple[torch.Tensor, Any]:
+        u = ops.causal_conv1d(x, conv_weight, self.conv1d.bias, activation=self.activation)[..., -seq_len:]
+        u = _mask_padding(u.transpose(1, 2), attention_mask)  # (b, t, d)
+        _, B, C, delta, delta_bias = _delta(self, u)
         result = ops.selective_scan(
-            x.transpose(1, 2), delta.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2), self.D.float(),
-            z=gate.transpose(1, 2), delta_bias=delta_bias, delta_softplus=True,
-            return_last_state=cache is not None, initial_state=recurrent_state,
+            u.transpose(1, 2), delta.transpose(1, 2), -torch.exp(self.A_log.float()), B.transpose(1, 2),
+            C.transpose(1, 2), self.D.float(), z=gate.transpose(1, 2), delta_bias=delta_bias, delta_softplus=True,
+            return_last_state=cache is not None, initial_state=initial,
         )
-        if cache is not None:
-            result, last_state = result
-            cache.update_recurrent_state(last_state, self.layer_idx)
-        y = result.transpose(1, 2)
-    return self.out_proj(y.to(dtype))
+        y, last = result if cache is not None else (result, None)
+        return y.transpose(1, 2).to(dtype), last
+
+    if fused_enabled():
+        params = core_parameters(_core_modules(self), (self.A_log, self.D))
+        y, last = recompute(core, (x, gate) if initial is None else (x, gate, initial), params)
+    else:
+        y, last = core(x, gate, initial)
+    if cache is not None:
+        cache.update_recurrent_state(last, self.layer_idx)
+    return self.out_proj(y)
+
+
+def _core_modules(mixer: nn.Module) -> list[nn.Module]:
+    names = ("conv1d", "x_proj", "dt_proj", "dt_layernorm", "b_layernorm", "c_layernorm")
+    return [getattr(mixer, name) for name in names if hasattr(mixer, name)]
+
+
+def _delta(mixer: nn.Module, u: torch.Tensor):
+    """``x_proj`` (and Falcon-Mamba's RMS norms on Δ, B and C), then the adapted Δ with its bias apart."""
+    time_step, B, C = torch.split(mixer.x_proj(u), [mixer.time_step_rank, mixer.ssm_state_size,
+                                                   mixer.ssm_state_size], dim=-1)
+    if hasattr(mixer, "dt_layernorm"):  # Falcon-Mamba: RMS norms on Δ, B and C before the scan
+        time_step, B, C = mixer.dt_layernorm(time_step), mixer.b_layernorm(B), mixer.c_layernorm(C)
+    delta, delta_bias = linear_without_bias(mixer.dt_proj, time_step)
+    return time_step, B, C, delta, delta_bias.float() if delta_bias is not None else None
 
 
 def is_mamba_mixer(module: nn.Module) -> bool:

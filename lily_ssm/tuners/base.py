@@ -48,6 +48,33 @@ class AdapterPool(nn.Module, ABC):
         raise TypeError(f"{type(self).__name__} has no input-independent weight update to merge")
 
 
+class _DownProjection(torch.autograd.Function):
+    """``x @ A`` in ``A``'s dtype, keeping ``x`` for backward in its own (often narrower) dtype."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, A)
+        return x.to(A.dtype) @ A
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, A = ctx.saved_tensors
+        grad_x = (grad @ A.T).to(x.dtype) if ctx.needs_input_grad[0] else None
+        grad_A = None
+        if ctx.needs_input_grad[1]:
+            grad_A = x.reshape(-1, x.shape[-1]).to(A.dtype).T @ grad.reshape(-1, grad.shape[-1])
+        return grad_x, grad_A
+
+
+def down_project(x: torch.Tensor, A: torch.Tensor, dropout: nn.Module) -> torch.Tensor:
+    """``dropout(x) @ A`` computed in ``A``'s dtype (fp32 adapters on half-precision bases). Without input
+    dropout, ``x`` is kept for backward as it came (e.g. bf16, half the bytes of an fp32 copy); the
+    products are the same, since widening a bf16 value to fp32 is exact."""
+    if isinstance(dropout, nn.Identity) and x.dtype != A.dtype and x.is_floating_point():
+        return _DownProjection.apply(x, A)
+    return dropout(x.to(A.dtype)) @ A
+
+
 def check_positive_ints(sizes: dict[str, Any], where: str = "") -> None:
     """Raise ``ValueError`` naming the first value in ``sizes`` that is not a positive integer."""
     for name, value in sizes.items():

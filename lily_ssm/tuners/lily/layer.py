@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..base import AdapterPool, kaiming_uniform_
+from ..base import AdapterPool, down_project, kaiming_uniform_
 from ..routing import RouterStats, RoutingContext
 from ..targets import TargetGroup, TargetModule, a_group
 
@@ -52,10 +52,11 @@ class LilyPool(AdapterPool):
 
     def delta(self, x: torch.Tensor, slot: TargetModule) -> torch.Tensor:
         lead, seq = x.shape[:-1], _as_sequences(x)
+        A = self.A[self.a_index(slot)]
         if self.dropout_after_a:  # the router and B read the dropped activations (the published Vim code)
-            h = self.dropout(seq.to(self.A.dtype) @ self.A[self.a_index(slot)])  # (N, T, r)
+            h = self.dropout(down_project(seq, A, nn.Identity()))  # (N, T, r)
         else:
-            h = self.dropout(seq.to(self.A.dtype)) @ self.A[self.a_index(slot)]
+            h = down_project(seq, A, self.dropout)
         if self.router is None:
             out = h @ self.B[0]
         else:

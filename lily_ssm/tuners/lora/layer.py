@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..base import AdapterPool, kaiming_uniform_
+from ..base import AdapterPool, down_project, kaiming_uniform_
 from ..targets import TargetGroup, TargetModule
 
 
@@ -28,7 +28,7 @@ class LoraPool(AdapterPool):
 
     def delta(self, x: torch.Tensor, slot: TargetModule) -> torch.Tensor:
         i = self.index[slot.key]
-        return (self.dropout(x.to(self.A.dtype)) @ self.A[i] @ self.B[i]) * self.scaling
+        return (down_project(x, self.A[i], self.dropout) @ self.B[i]) * self.scaling
 
     def delta_weight(self, slot: TargetModule) -> torch.Tensor:
         i = self.index[slot.key]

@@ -1,0 +1,113 @@
+"""The fused, memory-lean SSM core: keep only its inputs for backward and recompute the rest.
+
+``mamba_ssm``'s fused ``mamba_inner_fn`` keeps ``xz`` (the in_proj output) and recomputes the
+convolution and Δ in backward, but it takes the projections' *weights*, so adapters on ``x_proj``,
+``dt_proj`` or ``out_proj`` get no output and no gradient. :func:`recompute` does the same saving
+while still calling every projection as a module: the core (convolution → x_proj → Δ → scan) runs
+without building a graph in forward, only its inputs are saved, and backward re-runs it with grad
+(same RNG state and autocast state, so dropout masks and dtypes repeat exactly) and backpropagates
+through the recomputed graph. Outputs and gradients are those of the unfused path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+_FUSED = [True]
+
+
+def fused_enabled() -> bool:
+    """Whether the mixers fuse their SSM core while gradients are on (the default)."""
+    return _FUSED[0] and torch.is_grad_enabled()
+
+
+@contextlib.contextmanager
+def unfused() -> Iterator[None]:
+    """Run the mixers unfused inside the block (every intermediate kept for backward), e.g. to compare."""
+    saved = _FUSED[0]
+    _FUSED[0] = False
+    try:
+        yield
+    finally:
+        _FUSED[0] = saved
+
+
+def core_parameters(modules: Iterable[nn.Module], tensors: Iterable[torch.Tensor] = ()) -> list[torch.Tensor]:
+    """The trainable tensors the core reads: the modules' parameters, the adapter pools they carry
+    (shared pools once), and ``tensors`` such as ``A_log`` / ``D``."""
+    found: dict[int, torch.Tensor] = {}
+    for module in modules:
+        for param in module.parameters():
+            found.setdefault(id(param), param)
+        for pool, _ in getattr(module, "_lily_adapters", ()):
+            for param in pool.parameters():
+                found.setdefault(id(param), param)
+    for tensor in tensors:
+        found.setdefault(id(tensor), tensor)
+    return [t for t in found.values() if t.requires_grad]
+
+
+class _State:
+    """RNG and autocast state at the forward call, restored for the recomputation."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.cpu_rng = torch.get_rng_state()
+        self.cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+        kind = device.type if device.type in ("cuda", "cpu") else "cpu"
+        self.autocast = (kind, torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind))
+
+    def run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        devices = [self.device] if self.cuda_rng is not None else []
+        kind, enabled, dtype = self.autocast
+        with torch.random.fork_rng(devices=devices), torch.autocast(kind, dtype=dtype, enabled=enabled):
+            torch.set_rng_state(self.cpu_rng)
+            if self.cuda_rng is not None:
+                torch.cuda.set_rng_state(self.cuda_rng, self.device)
+            return fn(*args)
+
+
+class _Recompute(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, fn, n_inputs, *tensors):
+        inputs = tensors[:n_inputs]
+        ctx.fn, ctx.n_inputs = fn, n_inputs
+        ctx.params = tensors[n_inputs:]  # leaves that live anyway; not saved activations
+        ctx.state = _State(inputs[0].device)
+        ctx.save_for_backward(*inputs)
+        with torch.no_grad():
+            outputs = fn(*inputs)
+        ctx.differentiable = [isinstance(o, torch.Tensor) and o.is_floating_point() for o in outputs]
+        ctx.mark_non_differentiable(*(o for o, d in zip(outputs, ctx.differentiable) if isinstance(o, torch.Tensor)
+                                      and not d))
+        return outputs
+
+    @staticmethod
+    def backward(ctx, *grads):
+        inputs = [t.detach().requires_grad_(needs) for t, needs in
+                  zip(ctx.saved_tensors, ctx.needs_input_grad[2:2 + ctx.n_inputs])]
+        with torch.enable_grad():
+            outputs = ctx.state.run(ctx.fn, *inputs)
+        pairs = [(o, g) for o, g, d in zip(outputs, grads, ctx.differentiable)
+                 if d and g is not None and o.requires_grad]
+        wanted = [t for t in (*inputs, *ctx.params) if t.requires_grad]
+        found = torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True) \
+            if pairs and wanted else [None] * len(wanted)
+        by_id = {id(t): g for t, g in zip(wanted, found)}
+        return (None, None, *(by_id.get(id(t)) for t in (*inputs, *ctx.params)))
+
+
+def recompute(fn: Callable[..., Sequence[Any]], inputs: Sequence[torch.Tensor],
+              params: Sequence[torch.Tensor]) -> tuple[Any, ...]:
+    """``fn(*inputs)``, keeping only ``inputs`` for backward (see the module docstring).
+
+    ``fn`` returns a tuple; its floating-point tensors are differentiable, anything else is passed
+    through. ``params`` are every trainable tensor ``fn`` reads besides ``inputs``
+    (:func:`core_parameters`): their gradients come from the recomputation. ``fn`` must not have side
+    effects that a second run would repeat (update caches outside it)."""
+    return _Recompute.apply(fn, len(inputs), *inputs, *params)
