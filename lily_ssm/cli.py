@@ -37,6 +37,14 @@ def _train(args: argparse.Namespace) -> int:
     from .train.trainer import run_training
 
     config = load_config(args.config, args.set)
+    if args.dry_run:
+        from .analysis.memory import GIB, plan_training_memory
+
+        plan = plan_training_memory(config)
+        print(plan.table())
+        print(f"fits a 24 GB GPU: {'yes' if plan.total <= 22 * GIB else 'no'} (keep about 2 GiB beyond the plan for "
+              "CUDA itself); nothing was trained")
+        return 0
     result = run_training(config)
     if result["main_process"]:  # under torchrun, rank 0 wrote the adapter and reports it
         print(f"adapter written to {result['adapter']} after {result['global_step']} steps; log: {result['log']}")
@@ -146,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("config", help="YAML file with model / adapter / data / training sections")
     train.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                        help="override a config value, e.g. --set training.learning_rate=1e-4 (repeatable)")
+    train.add_argument("--dry-run", action="store_true", help="print the planned peak GPU memory of one process "
+                       "(measured on the meta device at the real shapes) and stop")
     train.set_defaults(func=_train)
 
     vt = sub.add_parser("vtab", help="fine-tune Vision Mamba on VTAB-1K tasks and report test accuracy")
