@@ -1,6 +1,8 @@
-"""CUDA-kernel checks (run with ``pytest -m cuda`` on a GPU with mamba-ssm and causal-conv1d).
+"""GPU checks (``pytest -m cuda tests/test_cuda.py``, run by ``eval/gpu_check.sh``).
 
-They compare the kernels against lily-ssm's PyTorch path with adapters active: values and gradients.
+Tests marked ``needs_kernels`` compare the CUDA kernels (mamba-ssm, causal-conv1d) with lily-ssm's
+PyTorch path, adapters active, values and gradients; they skip, naming what is missing, when the
+kernels do not import. The others run lily-ssm's PyTorch path on CUDA tensors either way.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import torch
 from conftest import MAMBA_TARGETS, randomise_adapter, tiny_mamba
 
 import lily_ssm
+from lily_ssm.modules.recompute import unfused
 from lily_ssm.ops import conv as conv_ops
 from lily_ssm.ops import kernels, selective_scan_chunked
 
@@ -19,12 +22,16 @@ pytestmark = pytest.mark.cuda
 
 
 @pytest.fixture(autouse=True)
-def _need_kernels():
+def _need_cuda(request):
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
-    missing = [name for name in kernels._KERNEL_FUNCTIONS if kernels.get(name) is None]
-    if missing:
-        pytest.skip(f"CUDA kernels not importable: {', '.join(missing)}")
+    if "needs_kernels" in request.keywords:
+        missing = [name for name in kernels._KERNEL_FUNCTIONS if kernels.get(name) is None]
+        if missing:
+            pytest.skip(f"CUDA kernels not importable ({', '.join(missing)}): pip install 'lily-ssm[cuda]'")
+
+
+needs_kernels = pytest.mark.needs_kernels
 
 
 def _reference_only():
@@ -32,6 +39,7 @@ def _reference_only():
     return kernels.override(devices=("cuda",))
 
 
+@needs_kernels
 def test_scan_kernel_matches_chunked_scan_values_and_gradients():
     g = torch.Generator(device="cuda").manual_seed(0)
     b, d, n, length = 2, 64, 16, 300
@@ -58,6 +66,7 @@ def test_scan_kernel_matches_chunked_scan_values_and_gradients():
         torch.testing.assert_close(gk, gr, atol=1e-3, rtol=1e-3, msg=f"gradient of {name}")
 
 
+@needs_kernels
 def test_conv_kernels_match_reference():
     g = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(2, 64, 40, device="cuda", generator=g)
@@ -72,6 +81,7 @@ def test_conv_kernels_match_reference():
                                    atol=1e-5, rtol=1e-5)
 
 
+@needs_kernels
 @pytest.mark.parametrize("kind", ["falcon", "mamba"])
 def test_adapted_model_on_kernels_matches_pytorch_path(kind):
     model = lily_ssm.apply_adapter(tiny_mamba(kind), lily_ssm.LilyConfig(list(MAMBA_TARGETS), r=4, num_A=2, num_B=3))
@@ -93,6 +103,7 @@ def test_adapted_model_on_kernels_matches_pytorch_path(kind):
         torch.testing.assert_close(pk.grad, pr.grad, atol=1e-4, rtol=1e-3, msg=name)
 
 
+@needs_kernels
 @pytest.mark.parametrize("routing", ["sequence", "causal", "token"])
 def test_cached_generation_on_kernels_matches_pytorch_path(routing):
     model = lily_ssm.apply_adapter(tiny_mamba("falcon"),
@@ -106,3 +117,57 @@ def test_cached_generation_on_kernels_matches_pytorch_path(routing):
         with _reference_only():
             on_reference = model.generate(ids, use_cache=False, **kwargs)
     assert torch.equal(on_kernels, on_reference)
+
+
+def test_pytorch_path_on_cuda_matches_cpu():
+    """lily-ssm's own scan and convolution on CUDA tensors: the loss and adapter gradients of the CPU run."""
+    model = lily_ssm.apply_adapter(tiny_mamba("falcon"), lily_ssm.LilyConfig(list(MAMBA_TARGETS), r=4, num_A=2,
+                                                                             num_B=3))
+    randomise_adapter(model)
+    on_gpu = copy.deepcopy(model).cuda().train()
+    model.train()
+    ids = torch.randint(2, 64, (2, 24), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0
+    loss_cpu = model(ids, attention_mask=mask, labels=ids).loss
+    loss_cpu.backward()
+    with _reference_only():
+        loss_gpu = on_gpu(ids.cuda(), attention_mask=mask.cuda(), labels=ids.cuda()).loss
+        loss_gpu.backward()
+    torch.testing.assert_close(loss_gpu.cpu(), loss_cpu, atol=1e-4, rtol=1e-4)
+    for (name, p), (_, q) in zip(model.lily_ssm_adapter.named_parameters(), on_gpu.lily_ssm_adapter.named_parameters()):
+        torch.testing.assert_close(q.grad.cpu(), p.grad, atol=1e-4, rtol=1e-3, msg=name)
+
+
+def test_fused_core_on_cuda_equals_unfused_and_saves_at_most_60_kib_per_token():
+    """The paper's 7B mixer shape in bf16 on the GPU (kernels when importable): fused == unfused, and the
+    fused mixer keeps at most 60 KiB per token for backward."""
+    from transformers import FalconMambaConfig, FalconMambaForCausalLM
+
+    from lily_ssm.analysis.memory import saved_bytes
+
+    torch.manual_seed(0)
+    config = FalconMambaConfig(vocab_size=128, hidden_size=4096, intermediate_size=8192, num_hidden_layers=1,
+                               state_size=16, time_step_rank=256, conv_kernel=4)
+    model = FalconMambaForCausalLM(config).to("cuda", torch.bfloat16)
+    lily_ssm.apply_adapter(model, lily_ssm.LilyConfig(["in_proj", "dt_proj"], r=40, num_A=1, num_B=4,
+                                                      routing="causal", overrides={"dt_proj": {"r": 8}}))
+    randomise_adapter(model, std=0.02)
+    model.train()
+    mixer = model.backbone.layers[0].mixer
+    hidden = torch.randn(4, 256, 4096, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    kib = saved_bytes(lambda: mixer(hidden), exclude=list(model.parameters())) / (4 * 256 * 1024)
+    assert kib <= 60, kib
+    outputs, grads = [], []
+    for context in (torch.enable_grad, unfused):
+        with context():
+            hidden.grad = None
+            for p in model.lily_ssm_adapter.parameters():
+                p.grad = None
+            out = mixer(hidden)
+            out.float().square().mean().backward()
+            outputs.append(out.detach())
+            grads.append([hidden.grad.clone()] + [p.grad.clone() for p in model.lily_ssm_adapter.parameters()])
+    torch.testing.assert_close(outputs[0], outputs[1])
+    for fused, plain in zip(*grads):
+        torch.testing.assert_close(fused, plain, atol=1e-5, rtol=1e-3)

@@ -1,11 +1,13 @@
 """One Falcon-Mamba-7B-shaped in_proj (4096 -> 16384), 256 tokens, forward + backward:
 Lily r40 A4 B4 in every routing mode vs LoRA r2 (the named peer), as in the paper's Falcon-Mamba runs.
 
-    python eval/bench/lily_layer.py [--tokens 256] [--batch 1] [--repeats 5] [--threads 2]
+    python eval/bench/lily_layer.py [--tokens 256] [--batch 1] [--repeats 5] [--threads 2] [--parts ...]
 
 "layer" times the whole adapted projection (frozen base matmul included, input gradient computed as
-inside a network); "adapter" times the adapter's contribution alone. The pools serve 4 layers (so
-num_A=4 is meaningful); layer 0 is timed.
+inside a network); "adapter" times the adapter's contribution alone; "mixer" times one whole
+Falcon-Mamba-7B mixer (fused core: in_proj, convolution, x_proj, Δ, scan, out_proj), Lily on in_proj vs
+the paper's LoRA baseline (r 2 on in_proj and dt_proj). The pools serve 4 layers (so num_A=4 is
+meaningful); layer 0 is timed.
 """
 
 from __future__ import annotations
@@ -21,11 +23,51 @@ IN, OUT, LAYERS = 4096, 16384, 4
 ARMS = ["lora", "lily-sequence", "lily-causal", "lily-token", "lily-batch"]
 
 
+def mixer_worker(spec: dict) -> None:
+    import torch
+    from transformers import FalconMambaConfig, FalconMambaForCausalLM
+
+    import lily_ssm
+
+    # A decaying SSM state reaches denormal floats, which slow x86 arithmetic down by data-dependent amounts
+    # (up to 20% here); flushing them to zero in every arm keeps the ratio about the adapters.
+    torch.set_flush_denormal(True)
+    torch.manual_seed(0)
+    model = FalconMambaForCausalLM(FalconMambaConfig(vocab_size=16, hidden_size=IN, intermediate_size=OUT // 2,
+                                                     num_hidden_layers=LAYERS, state_size=16, time_step_rank=256,
+                                                     conv_kernel=4))
+    if spec["arm"] == "lora":
+        config = lily_ssm.LoraConfig(["in_proj", "dt_proj"], r=2, alpha=4.0)
+    else:
+        config = lily_ssm.LilyConfig(["in_proj"], r=40, num_A=4, num_B=4, routing=spec["arm"].split("-")[1],
+                                     allow_lookahead=True)
+    lily_ssm.apply_adapter(model, config)
+    with torch.no_grad():
+        for p in model.lily_ssm_adapter.parameters():
+            p.normal_(std=0.02)
+    model.train()
+    mixer = model.backbone.layers[0].mixer
+    x = torch.randn(spec["batch"], spec["tokens"] // spec["batch"], IN, requires_grad=True)
+
+    def step():
+        x.grad = None
+        for p in model.lily_ssm_adapter.parameters():
+            p.grad = None
+        mixer(x).sum().backward()
+
+    result = common.time_repeated(step, spec["repeats"], warmup=1)
+    result["trainable"] = lily_ssm.parameter_report(model).adapter_total
+    common.emit(result)
+
+
 def worker(spec: dict) -> None:
     import torch
     from torch import nn
 
     import lily_ssm
+
+    if spec["part"] == "mixer":
+        return mixer_worker(spec)
 
     torch.manual_seed(0)
     model = nn.Module()
@@ -64,22 +106,28 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--parts", default="layer,adapter,mixer", help="comma-separated: layer, adapter, mixer")
     args = parser.parse_args()
+    parts = args.parts.split(",")
     results = {}
-    for part in ("layer", "adapter"):
+    for part in parts:
         for arm in ARMS:
             print(f"  running {arm} ({part}) ...", file=sys.stderr, flush=True)
             spec = {"arm": arm, "part": part, "tokens": args.tokens, "batch": args.batch, "repeats": args.repeats}
             results[part, arm] = common.run_arm(__file__, spec, args.threads)
     rows = []
     for arm in ARMS:
-        layer, adapter = results["layer", arm], results["adapter", arm]
-        rows.append([arm, f"{layer.get('trainable', 0):,}", common.fmt_s(layer),
-                     common.ratio(layer, results["layer", "lora"]), f"{adapter.get('median_s', 0) * 1e3:.1f}",
-                     common.ratio(adapter, results["adapter", "lora"])])
-    print(f"\nadapted in_proj {IN}->{OUT}, {args.tokens} tokens (batch {args.batch}), fwd+bwd, {args.threads} threads "
-          "(peer: LoRA r2)")
-    common.print_table(["arm", "trainable (4 layers)", "layer s", "layer/peer", "adapter ms", "adapter/peer"], rows)
+        row = [arm]
+        for part in parts:
+            result, peer = results[part, arm], results[part, "lora"]
+            value = f"{result.get('median_s', 0) * 1e3:.1f}" if part == "adapter" else common.fmt_s(result)
+            row += [f"{result.get('trainable', 0):,}", value, common.ratio(result, peer)]
+        rows.append(row)
+    print(f"\n7B shapes, {args.tokens} tokens (batch {args.batch}), fwd+bwd, {args.threads} threads (peer: LoRA r2; "
+          "layer/adapter: in_proj only, mixer: LoRA on in_proj + dt_proj)")
+    units = {"layer": "s", "adapter": "ms", "mixer": "s"}
+    headers = ["arm"] + [h for part in parts for h in (f"{part} params", f"{part} {units[part]}", f"{part}/peer")]
+    common.print_table(headers, rows)
 
 
 if __name__ == "__main__":
