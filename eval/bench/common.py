@@ -18,6 +18,10 @@ from collections.abc import Callable
 from typing import Any
 
 WORKER_FLAG = "--worker"
+# glibc keeps freed memory for reuse instead of returning it to the OS after every step: the timings then
+# measure compute rather than page faults (which moved single runs by up to 30% on a 2-core machine).
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(16 << 30),
+              "MALLOC_TOP_PAD_": str(1 << 30)}
 
 
 def rss_mb() -> float:
@@ -45,7 +49,7 @@ def time_repeated(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> dict[
 
 def run_arm(script: str, spec: dict[str, Any], threads: int) -> dict[str, Any]:
     """Run one arm of ``script`` in a fresh process; returns its JSON result (or ``{"error": ...}``)."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), **MALLOC_ENV}
     proc = subprocess.run([sys.executable, script, WORKER_FLAG, json.dumps(spec)], capture_output=True, text=True,
                           env=env)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
@@ -53,6 +57,21 @@ def run_arm(script: str, spec: dict[str, Any], threads: int) -> dict[str, Any]:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
         return {"error": " | ".join(tail) or f"exit code {proc.returncode}"}
     return json.loads(lines[-1])
+
+
+def time_interleaved(steps: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1) -> dict[str, float]:
+    """Median wall time of each step function, timed in turns (every step once, then again, ...) so that
+    the machine's slow spells fall on every arm alike."""
+    for _ in range(warmup):
+        for step in steps.values():
+            step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(found) for name, found in times.items()}
 
 
 def worker_spec() -> dict[str, Any] | None:

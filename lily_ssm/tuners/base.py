@@ -166,11 +166,11 @@ class AdaptedLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor, add_bias: bool = True) -> torch.Tensor:
         out = F.linear(x, self.weight, self.bias if add_bias else None)
-        for pool, slot in self._lily_adapters:
+        for pool, slot in self._lily_adapters:  # in place: F.linear's backward does not need its output
             delta = pool.delta(x, slot).to(out.dtype)
             if slot.out_slice is None:
-                out = out + delta
-            else:  # in place: F.linear's backward does not need its output
+                out += delta
+            else:
                 start, stop = slot.out_slice
                 out[..., start:stop] += delta
         return out

@@ -57,8 +57,9 @@ class LilyPool(AdapterPool):
             h = self.dropout(down_project(seq, A, nn.Identity()))  # (N, T, r)
         else:
             h = down_project(seq, A, self.dropout)
+        scaled = h * self.scaling  # scaling in rank space: r values per token, not out
         if self.router is None:
-            out = h @ self.B[0]
+            out = scaled @ self.B[0]
         else:
             probs = torch.softmax((h @ self.router[self.router_index(slot)].T).float(), dim=-1)  # (N, T, E)
             # a 2-D input (e.g. a pooled vector) has no token axis for the attention mask to describe
@@ -66,9 +67,8 @@ class LilyPool(AdapterPool):
             if self.context.recorder is not None:
                 mask = self.context.token_mask(*probs.shape[:2]) if x.dim() > 2 else None
                 self.context.recorder.add(slot.key, weights, mask)
-            weights = weights.to(h.dtype)
-            out = mix_experts(h, weights, self.B)
-        return (out * self.scaling).reshape(*lead, self.group.out_features)
+            out = mix_experts(scaled, weights.to(h.dtype), self.B)
+        return out.reshape(*lead, self.group.out_features)
 
 
 def _as_sequences(x: torch.Tensor) -> torch.Tensor:

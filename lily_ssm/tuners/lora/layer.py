@@ -28,7 +28,7 @@ class LoraPool(AdapterPool):
 
     def delta(self, x: torch.Tensor, slot: TargetModule) -> torch.Tensor:
         i = self.index[slot.key]
-        return (down_project(x, self.A[i], self.dropout) @ self.B[i]) * self.scaling
+        return (down_project(x, self.A[i], self.dropout) * self.scaling) @ self.B[i]  # scaled in rank space
 
     def delta_weight(self, slot: TargetModule) -> torch.Tensor:
         i = self.index[slot.key]
