@@ -130,10 +130,16 @@ def test_vim_backward_x_proj_parts_use_the_backward_dt_rank():
     assert adapted(images()).shape == (2, 5)
 
 
-def test_parts_are_refused_where_the_split_is_not_mamba_1s():
+def test_mamba2_in_proj_parts_follow_its_packed_layout():
+    """Mamba-2's in_proj is [z, x, B, C, dt], not Mamba-1's [x, z]: each part gets its own slice."""
     from transformers import Mamba2Config, Mamba2ForCausalLM
 
     config = Mamba2Config(vocab_size=64, hidden_size=16, state_size=8, num_hidden_layers=2, expand=2, head_dim=8,
                           num_heads=4, n_groups=1, conv_kernel=4)
-    with pytest.raises(ValueError, match="its parent is a Mamba2Mixer, and parts are defined for the Mamba-1"):
-        find_targets(Mamba2ForCausalLM(config), ["in_proj.x"])
+    groups = {g.key: g for g in find_targets(Mamba2ForCausalLM(config), ["in_proj.z", "in_proj.x", "in_proj.B",
+                                                                         "in_proj.C", "in_proj.dt"])}
+    slices = {key: groups[key].modules[0].out_slice for key in groups}
+    assert slices == {"in_proj.z": (0, 32), "in_proj.x": (32, 64), "in_proj.B": (64, 72), "in_proj.C": (72, 80),
+                      "in_proj.dt": (80, 84)}
+    with pytest.raises(ValueError, match="'in_proj.dt' has no output part|has no output part 'q'"):
+        find_targets(Mamba2ForCausalLM(config), ["in_proj.q"])

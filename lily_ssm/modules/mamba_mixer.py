@@ -1,6 +1,7 @@
 """A Mamba-1 mixer forward that calls every projection through its module (DESIGN.md §3).
 
-transformers' ``MambaMixer`` / ``FalconMambaMixer`` compute ``dt_proj.weight @ time_step`` and, on
+transformers' ``MambaMixer`` / ``FalconMambaMixer`` / ``JambaMambaMixer`` compute
+``dt_proj.weight @ time_step`` and, on
 the kernel path, hand ``x_proj`` / ``dt_proj`` / ``out_proj`` weights straight to a fused function,
 so adapters on those modules silently do nothing. :func:`patch_mamba_mixers` swaps in
 :func:`mamba_mixer_forward` on every such mixer: same math, same cache protocol, but ``in_proj``,
@@ -19,8 +20,6 @@ from torch import nn
 from .. import ops
 from ..tuners.base import linear_without_bias
 from .recompute import core_parameters, fused_enabled, recompute
-
-_MIXER_CLASSES = ("MambaMixer", "FalconMambaMixer")
 
 
 def _mask_padding(hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -101,21 +100,31 @@ def _delta(mixer: nn.Module, u: torch.Tensor):
     return time_step, B, C, delta, delta_bias.float() if delta_bias is not None else None
 
 
-def is_mamba_mixer(module: nn.Module) -> bool:
-    return type(module).__name__ in _MIXER_CLASSES and type(module).__module__.startswith("transformers.")
+def owned_forward(module: nn.Module) -> Any:
+    """The module-calling forward this toolkit has for ``module``'s class (a transformers Mamba-1 or
+    Mamba-2 mixer), or None."""
+    from ..tuners.targets import MAMBA1_MIXERS, MAMBA2_MIXERS
+    from .mamba2_mixer import mamba2_mixer_forward
+
+    if not type(module).__module__.startswith("transformers."):
+        return None
+    name = type(module).__name__
+    return mamba_mixer_forward if name in MAMBA1_MIXERS else mamba2_mixer_forward if name in MAMBA2_MIXERS else None
 
 
 def patch_mamba_mixers(model: nn.Module) -> int:
-    """Give every transformers Mamba-1 mixer in ``model`` the module-calling forward; returns how many."""
+    """Give every transformers Mamba-1 / Mamba-2 mixer in ``model`` the module-calling forward; returns how
+    many."""
     count = 0
     for module in model.modules():
-        if is_mamba_mixer(module) and "forward" not in module.__dict__:
-            module.forward = MethodType(mamba_mixer_forward, module)
+        forward = owned_forward(module)
+        if forward is not None and "forward" not in module.__dict__:
+            module.forward = MethodType(forward, module)
             count += 1
     return count
 
 
 def unpatch_mamba_mixers(model: nn.Module) -> None:
     for module in model.modules():
-        if is_mamba_mixer(module) and "forward" in module.__dict__:
+        if owned_forward(module) is not None and "forward" in module.__dict__:
             del module.forward

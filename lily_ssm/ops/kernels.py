@@ -16,6 +16,7 @@ import torch
 
 _KERNEL_FUNCTIONS = {
     "selective_scan_fn": "mamba_ssm.ops.selective_scan_interface",
+    "mamba_chunk_scan_combined": "mamba_ssm.ops.triton.ssd_combined",
     "selective_state_update": "mamba_ssm.ops.triton.selective_state_update",
     "causal_conv1d_fn": "causal_conv1d",
     "causal_conv1d_update": "causal_conv1d",

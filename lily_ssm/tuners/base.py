@@ -150,6 +150,7 @@ class AdaptedLinear(nn.Linear):
     """
 
     _lily_adapters: tuple[tuple[AdapterPool, TargetModule], ...]
+    _lily_liveness: Any = None  # tuners.liveness.LivenessCheck, set by apply_adapter
 
     @classmethod
     def wrap(cls, linear: nn.Linear, pool: AdapterPool, slot: TargetModule) -> AdaptedLinear:
@@ -161,10 +162,13 @@ class AdaptedLinear(nn.Linear):
 
     def unwrap(self) -> nn.Linear:
         del self._lily_adapters
+        self.__dict__.pop("_lily_liveness", None)
         self.__class__ = nn.Linear
         return self
 
     def forward(self, x: torch.Tensor, add_bias: bool = True) -> torch.Tensor:
+        if self._lily_liveness is not None and self._lily_liveness.probing:
+            self._lily_liveness.mark_ran(self)
         out = F.linear(x, self.weight, self.bias if add_bias else None)
         for pool, slot in self._lily_adapters:  # in place: F.linear's backward does not need its output
             delta = pool.delta(x, slot).to(out.dtype)

@@ -12,6 +12,7 @@ from torch import nn
 
 from ..modules.mamba_mixer import patch_mamba_mixers
 from .base import AdaptedLinear, AdapterConfig, AdapterPool
+from .liveness import LivenessCheck, install_liveness_check
 from .routing import RoutingContext, install_routing_hooks, is_causal_lm, remove_routing_hooks
 from .targets import TargetGroup, find_targets
 
@@ -190,6 +191,11 @@ def apply_adapter(model: nn.Module, config: AdapterConfig) -> nn.Module:
     state.saved = saved
     setattr(model, ADAPTER_ATTR, state)
     state.hook_handles = install_routing_hooks(model, context)
+    adapted = {slot.name: model.get_submodule(slot.name) for group in groups for slot in group.modules}
+    check = LivenessCheck(model, adapted)
+    for module in adapted.values():
+        object.__setattr__(module, "_lily_liveness", check)
+    state.hook_handles += install_liveness_check(model, check)
     return model
 
 

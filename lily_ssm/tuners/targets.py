@@ -75,26 +75,46 @@ def _suffix_match(name: str, suffix: str) -> bool:
 
 
 # Mixers whose in_proj is [x, z] and whose x_proj is [dt, B, C] (transformers' and lily-ssm's Vim).
-MAMBA1_MIXERS = ("MambaMixer", "FalconMambaMixer", "VimMixer")
-# Output parts of Mamba-1 projections that can be adapted on their own, in output order.
+MAMBA1_MIXERS = ("MambaMixer", "FalconMambaMixer", "JambaMambaMixer", "VimMixer")
+# transformers' Mamba-2 mixers: in_proj is [z, x, B, C, dt] (after any MLP halves), no x_proj or dt_proj.
+MAMBA2_MIXERS = ("Mamba2Mixer", "BambaMixer", "FalconH1Mixer", "NemotronHMamba2Mixer", "Zamba2MambaMixer",
+                 "GraniteMoeHybridMambaLayer")
+# Output parts of Mamba projections that can be adapted on their own, in output order.
 PARTS = {"in_proj": ("x", "z"), "x_proj": ("dt", "B", "C")}
-_PARTS_HELP = "in_proj.x / in_proj.z (SSM input / gate halves) and x_proj.dt / x_proj.B / x_proj.C"
+MAMBA2_PARTS = ("z", "x", "B", "C", "dt")
+_PARTS_HELP = ("in_proj.x / in_proj.z (SSM input / gate halves) and x_proj.dt / x_proj.B / x_proj.C on Mamba-1; "
+               "in_proj.z / .x / .B / .C / .dt on Mamba-2")
+
+
+def mamba2_in_proj_parts(mixer: nn.Module, out_features: int) -> dict[str, tuple[int, int]]:
+    """The output slices of a Mamba-2 ``in_proj``: ``z`` (gate), ``x``, ``B``, ``C`` and ``dt``, after any
+    leading MLP halves that some checkpoints put first."""
+    d, gn, h = mixer.intermediate_size, mixer.n_groups * mixer.ssm_state_size, mixer.num_heads
+    start = out_features - (2 * d + 2 * gn + h)
+    if start < 0 or start % 2:
+        raise ValueError(f"in_proj of {type(mixer).__name__} has {out_features} outputs; expected 2·{d} + 2·{gn} + "
+                         f"{h} (z, x, B, C, dt), after an even number of MLP outputs")
+    bounds = [start, start + d, start + 2 * d, start + 2 * d + gn, start + 2 * d + 2 * gn, out_features]
+    return dict(zip(MAMBA2_PARTS, zip(bounds[:-1], bounds[1:])))
 
 
 def output_parts(model: nn.Module, name: str, module: nn.Linear) -> dict[str, tuple[int, int]] | None:
     """The named output slices of a Mamba projection (None if ``name`` is not one).
 
-    ``in_proj`` is split in halves (x, z), as every Mamba-1 mixer does. ``x_proj`` (and Vim's
-    ``x_proj_b``) is split as ``[dt_rank, d_state, d_state]``; dt_rank is read from the sibling
-    ``dt_proj`` (``dt_proj_b``), whose input is the Δ slice.
+    A Mamba-1 ``in_proj`` is split in halves (x, z). ``x_proj`` (and Vim's ``x_proj_b``) is split as
+    ``[dt_rank, d_state, d_state]``; dt_rank is read from the sibling ``dt_proj`` (``dt_proj_b``), whose
+    input is the Δ slice. A Mamba-2 ``in_proj`` is ``[z, x, B, C, dt]`` (:func:`mamba2_in_proj_parts`).
     """
     parent_name, _, leaf = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     if leaf != "in_proj" and not leaf.startswith("x_proj"):
         return None
-    if type(parent).__name__ not in MAMBA1_MIXERS:  # e.g. Mamba-2's in_proj packs z, x, B, C and dt
-        raise ValueError(f"parts of {name} are not defined: its parent is a {type(parent).__name__}, and parts are "
-                         f"defined for the Mamba-1 mixers {', '.join(MAMBA1_MIXERS)}")
+    kind = type(parent).__name__
+    if kind in MAMBA2_MIXERS and leaf == "in_proj":
+        return mamba2_in_proj_parts(parent, module.out_features)
+    if kind not in MAMBA1_MIXERS:
+        raise ValueError(f"parts of {name} are not defined: its parent is a {kind}, and parts are defined for the "
+                         f"Mamba mixers {', '.join(MAMBA1_MIXERS + MAMBA2_MIXERS)}")
     out = module.out_features
     if leaf == "in_proj":
         if out % 2:
