@@ -39,6 +39,48 @@ def tiny_llama(layers: int = 4, seed: int = 0) -> torch.nn.Module:
     return LlamaForCausalLM(config).eval()
 
 
+# transformers' SSM families other than Mamba / Falcon-Mamba: Jamba (Mamba-1 mixers) and the Mamba-2 family.
+FAMILIES = ("jamba", "mamba2", "bamba", "falcon_h1", "nemotron_h", "zamba2", "granitemoehybrid")
+
+
+_MAMBA2 = dict(mamba_n_heads=8, mamba_d_head=8, mamba_n_groups=2, mamba_d_state=8, mamba_d_conv=4, mamba_expand=2,
+               mamba_chunk_size=8)
+_ATTENTION = dict(num_attention_heads=4, num_key_value_heads=2, intermediate_size=48)
+_FAMILY_CONFIGS = {  # (model class, config class, config fields): 2-3 layers, at least one SSM mixer
+    "jamba": ("JambaForCausalLM", "JambaConfig", dict(
+        num_hidden_layers=3, **_ATTENTION, attn_layer_period=3, attn_layer_offset=1, expert_layer_period=3,
+        expert_layer_offset=2, num_experts=2, num_experts_per_tok=1, mamba_d_state=8, mamba_d_conv=4, mamba_expand=2,
+        mamba_dt_rank=4)),
+    "mamba2": ("Mamba2ForCausalLM", "Mamba2Config", dict(
+        num_hidden_layers=2, state_size=8, expand=2, num_heads=8, head_dim=8, n_groups=2, chunk_size=8, conv_kernel=4)),
+    "bamba": ("BambaForCausalLM", "BambaConfig", dict(num_hidden_layers=3, **_ATTENTION, attn_layer_indices=[1],
+                                                       **_MAMBA2)),
+    "falcon_h1": ("FalconH1ForCausalLM", "FalconH1Config", dict(num_hidden_layers=2, **_ATTENTION, **_MAMBA2,
+                                                                 mamba_d_ssm=64)),
+    "nemotron_h": ("NemotronHForCausalLM", "NemotronHConfig", dict(
+        num_hidden_layers=3, hybrid_override_pattern="M*M", **_ATTENTION, mamba_num_heads=8, mamba_head_dim=8,
+        n_groups=2, ssm_state_size=8, conv_kernel=4, expand=2, chunk_size=8)),
+    "zamba2": ("Zamba2ForCausalLM", "Zamba2Config", dict(
+        num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, intermediate_size=48, mamba_headdim=8,
+        n_mamba_heads=8, mamba_ngroups=2, mamba_d_state=8, mamba_d_conv=4, mamba_expand=2, chunk_size=8,
+        layers_block_type=["mamba", "hybrid", "mamba"], num_mem_blocks=1, use_shared_attention_adapter=False)),
+    "granitemoehybrid": ("GraniteMoeHybridForCausalLM", "GraniteMoeHybridConfig", dict(
+        num_hidden_layers=3, **_ATTENTION, layer_types=["mamba", "attention", "mamba"], **_MAMBA2,
+        num_local_experts=0, shared_intermediate_size=48)),
+}
+
+
+def tiny_family(kind: str, seed: int = 0, **overrides) -> torch.nn.Module:
+    """A tiny transformers SSM causal LM of family ``kind`` (one of FAMILIES), built from its config."""
+    import transformers
+
+    model_cls, config_cls, fields = _FAMILY_CONFIGS[kind]
+    torch.manual_seed(seed)
+    config = getattr(transformers, config_cls)(vocab_size=64, hidden_size=32, pad_token_id=0, eos_token_id=1,
+                                               bos_token_id=1, **{**fields, **overrides})
+    return getattr(transformers, model_cls)(config).eval()
+
+
 def byte_level_falcon(seed: int = 0):
     """A tiny random Falcon-Mamba over a byte-level tokenizer that gives every text back as written."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
