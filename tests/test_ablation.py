@@ -185,7 +185,7 @@ def test_method_settings_merge_over_the_defaults(assets, tmp_path):
 
 def test_config_errors_name_the_key(assets, tmp_path):
     raw = language_config(assets, tmp_path)
-    with pytest.raises(ConfigError, match="unknown preset.*nope; presets for the language path: in, dt"):
+    with pytest.raises(ConfigError, match="unknown preset.*nope; presets for language: in, dt"):
         parse_ablation({**raw, "ablation": {**raw["ablation"], "target_sets": ["in", "nope"]}}).target_sets()
     with pytest.raises(ConfigError, match="training.output_dir is set per arm"):
         parse_ablation({**raw, "training": {**raw["training"], "output_dir": "x"}})
@@ -216,3 +216,18 @@ def test_cli_dry_run_and_unreachable_budget(assets, tmp_path, capsys):
 def test_shipped_ablation_configs_parse(name):
     config = load_ablation(f"configs/ablation/{name}")
     assert len(config.target_sets()) == 8 and config.ablation.methods == ["lily", "lora"]
+
+
+def test_a_mamba2_base_gets_the_mamba2_presets(tmp_path):
+    from conftest import tiny_family
+
+    tiny_family("mamba2").save_pretrained(tmp_path / "mamba2")
+    raw = {"ablation": {"output_dir": str(tmp_path / "out"), "budget": 6000, "methods": ["lily", "lora"]},
+           "model": {"name_or_path": str(tmp_path / "mamba2")}, "data": {"train_file": "unused.json"},
+           "training": {}, "evaluation": {"data_root": "unused"}}
+    arms = plan_arms(parse_ablation(raw))
+    assert {arm.target_set for arm in arms} == {"in", "out_proj", "in.z", "in.x", "in.B", "in.C", "in.dt", "all"}
+    assert all(abs(arm.deviation) <= 0.05 for arm in arms)
+    raw["ablation"]["target_sets"] = ["in", "dt"]  # Mamba-1's Δ preset: a Mamba-2 mixer has no dt_proj
+    with pytest.raises(ConfigError, match="unknown preset\\(s\\) dt; presets for language-mamba2: in, out_proj"):
+        plan_arms(parse_ablation(raw))

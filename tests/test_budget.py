@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_mamba
+from conftest import tiny_family, tiny_mamba
 from test_merge_and_report import falcon_mamba_7b_meta
 from test_vim import tiny_vim
 
@@ -25,6 +25,7 @@ def applied_count(model, match) -> int:
 
 @pytest.mark.parametrize("method", ["lily", "lora"])
 @pytest.mark.parametrize(("path", "make", "budget"), [("language", lambda: tiny_mamba("falcon"), 8000),
+                                                      ("language-mamba2", lambda: tiny_family("mamba2"), 6000),
                                                       ("vim", tiny_vim, 12000)])
 def test_every_preset_lands_within_five_percent(path, make, budget, method):
     model = make()

@@ -54,7 +54,7 @@ def plan_arms(config: AblationConfig, model: nn.Module | None = None) -> list[Ar
     model = model if model is not None else base_model_for_planning(config)
     arms: list[Arm] = []
     problems: list[str] = []
-    for set_name, targets in config.target_sets().items():
+    for set_name, targets in config.target_sets(model).items():
         for method in a.methods:
             modes = config.routing_modes() if method == "lily" else [None]
             for routing in modes:

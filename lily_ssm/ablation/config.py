@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from torch import nn
+
 from ..train.config import (
     ConfigError,
     DataSection,
@@ -22,6 +24,7 @@ from ..train.config import (
     read_yaml,
 )
 from ..tuners.lily.config import ROUTING_MODES, lookahead_problem
+from ..tuners.targets import MAMBA2_MIXERS
 
 PATHS = ("language", "vim")
 METHODS = ("lily", "lora")
@@ -34,6 +37,13 @@ TARGET_SETS: dict[str, dict[str, list[str]]] = {
         "out_proj": ["out_proj"], "in.x": ["in_proj.x"], "in.z": ["in_proj.z"], "x_proj.dt": ["x_proj.dt"],
         "x_proj.B": ["x_proj.B"], "x_proj.C": ["x_proj.C"], "all": ["in_proj", "x_proj", "dt_proj", "out_proj"],
     },
+    # transformers' Mamba-2 family (Mamba2, Bamba, Falcon-H1, Nemotron-H, Zamba2, Granite 4.0): no x_proj or
+    # dt_proj; in_proj packs z, x, B, C and Δ (dt), each a part of its own.
+    "language-mamba2": {
+        "in": ["in_proj"], "out_proj": ["out_proj"], "in.z": ["in_proj.z"], "in.x": ["in_proj.x"],
+        "in.B": ["in_proj.B"], "in.C": ["in_proj.C"], "in.dt": ["in_proj.dt"], "in.x+dt": ["in_proj.x", "in_proj.dt"],
+        "all": ["in_proj", "out_proj"],
+    },
     "vim": {
         "in": ["in_proj"], "dt": ["dt_proj", "dt_proj_b"], "dt+in": ["in_proj", "dt_proj", "dt_proj_b"],
         "x_proj": ["x_proj", "x_proj_b"], "out_proj": ["out_proj"], "in.x": ["in_proj.x"], "in.z": ["in_proj.z"],
@@ -42,7 +52,9 @@ TARGET_SETS: dict[str, dict[str, list[str]]] = {
         "all": ["in_proj", "x_proj", "x_proj_b", "dt_proj", "dt_proj_b", "out_proj"],
     },
 }
-DEFAULT_SETS = ["in", "dt", "dt+in", "x_proj", "out_proj", "in.x", "in.z", "all"]
+DEFAULT_SETS = {"language": ["in", "dt", "dt+in", "x_proj", "out_proj", "in.x", "in.z", "all"],
+                "language-mamba2": ["in", "out_proj", "in.z", "in.x", "in.B", "in.C", "in.dt", "all"],
+                "vim": ["in", "dt", "dt+in", "x_proj", "out_proj", "in.x", "in.z", "all"]}
 DEFAULT_ROUTING = {"language": "causal", "vim": "token"}
 DEFAULT_METHOD_SETTINGS = {"lily": {"num_A": 4, "num_B": 4}, "lora": {}}  # LoRA: alpha = 2·r unless set
 _SET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")  # names become folder names
@@ -54,7 +66,7 @@ class AblationSection:
     budget: int  # adapter parameters per arm (a classifier head is counted apart)
     path: str = "language"
     methods: list[str] = field(default_factory=lambda: list(METHODS))
-    target_sets: Any = field(default_factory=lambda: list(DEFAULT_SETS))  # preset names, or {name: [targets]}
+    target_sets: Any = None  # preset names, or {name: [targets]}; None: the family's DEFAULT_SETS
     routing: list[str] | None = None  # Lily routing modes, one Lily arm each; default causal / token (Vim)
     tolerance: float = 0.05
     lily: dict[str, Any] = field(default_factory=dict)  # over DEFAULT_METHOD_SETTINGS["lily"]
@@ -83,21 +95,37 @@ class AblationConfig:
     sections: dict[str, Any]  # model / data / training (/ evaluation) mappings, validated
     source: str = "<dict>"
 
-    def target_sets(self) -> dict[str, list[str]]:
-        sets = self.ablation.target_sets
-        presets = TARGET_SETS[self.ablation.path]
+    def presets(self, model: nn.Module | None = None) -> str:
+        """The preset table of the arms' architecture: ``vim``, ``language`` (Mamba-1) or
+        ``language-mamba2`` (when ``model`` has transformers Mamba-2 mixers)."""
+        if self.ablation.path == "language" and model is not None and \
+                any(type(m).__name__ in MAMBA2_MIXERS for m in model.modules()):
+            return "language-mamba2"
+        return self.ablation.path
+
+    def target_sets(self, model: nn.Module | None = None) -> dict[str, list[str]]:
+        """The target sets by name. Without ``model``, preset names are checked against every table of the
+        path (the architecture is known once the model is built)."""
+        table = self.presets(model)
+        sets = self.ablation.target_sets if self.ablation.target_sets is not None else DEFAULT_SETS[table]
         if isinstance(sets, dict):
             bad = [str(name) for name in sets if not _SET_NAME.match(str(name))]
             if bad:
                 raise ConfigError(f"{self.source}: ablation.target_sets name(s) {', '.join(map(repr, bad))}: a name "
                                   "becomes a folder name; use letters, digits and _ . + -")
             return {str(name): _target_list(name, targets, self.source) for name, targets in sets.items()}
-        unknown = [name for name in sets if name not in presets]
+        if not isinstance(sets, list) or not sets:
+            raise ConfigError(f"{self.source}: ablation.target_sets={sets!r}; give preset names or a mapping "
+                              "name: [targets]")
+        tables = [table] if model is not None else [t for t in TARGET_SETS if t.startswith(self.ablation.path)]
+        known = {name for t in tables for name in TARGET_SETS[t]}
+        unknown = [name for name in sets if name not in known]
         if unknown:
             raise ConfigError(f"{self.source}: ablation.target_sets has unknown preset(s) "
-                              f"{', '.join(map(str, unknown))}; presets for the {self.ablation.path} path: "
-                              f"{', '.join(presets)} (or give a mapping name: [targets])")
-        return {name: list(presets[name]) for name in sets}
+                              f"{', '.join(map(str, unknown))}; presets for "
+                              + "; ".join(f"{t}: {', '.join(TARGET_SETS[t])}" for t in tables)
+                              + " (or give a mapping name: [targets])")
+        return {name: list(TARGET_SETS[table].get(name, [])) for name in sets}
 
     def routing_modes(self) -> list[str]:
         return list(self.ablation.routing or [DEFAULT_ROUTING[self.ablation.path]])

@@ -63,14 +63,12 @@ def ssd_scan_ref(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Te
     return (y, state) if return_final_states else y
 
 
-def _segsum(a: torch.Tensor) -> torch.Tensor:
-    """``out[..., i, j] = sum(a[..., j+1 : i+1])`` for ``j <= i``, ``-inf`` above the diagonal (masked sums
-    of a cumulative sum, the stable form)."""
-    q = a.shape[-1]
-    expanded = a[..., None].expand(*a.shape, q)
-    strict = torch.tril(torch.ones(q, q, dtype=torch.bool, device=a.device), diagonal=-1)
-    sums = torch.cumsum(expanded.masked_fill(~strict, 0), dim=-2)
-    return sums.masked_fill(~torch.tril(torch.ones(q, q, dtype=torch.bool, device=a.device)), -torch.inf)
+def _decays(a_cum: torch.Tensor) -> torch.Tensor:
+    """``out[..., i, j] = exp(a_cum[i] - a_cum[j])`` for ``j <= i`` (the decay from position j to i within a
+    chunk), 0 above the diagonal; the difference of cumulative sums, as mamba-ssm's kernels compute it."""
+    q = a_cum.shape[-1]
+    causal = torch.tril(torch.ones(q, q, dtype=torch.bool, device=a_cum.device))
+    return torch.exp((a_cum[..., :, None] - a_cum[..., None, :]).float().masked_fill(~causal, -torch.inf))
 
 
 def ssd_chunk_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
@@ -94,23 +92,24 @@ def ssd_chunk_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.
 
     xdt = chunks(x_f * dt[..., None])  # (b, c, q, h, p)
     a = chunks(dt * A.float()).permute(0, 3, 1, 2)  # (b, h, c, q)
-    a_cum = torch.cumsum(a, dim=-1)
+    a_cum = torch.cumsum(a.double(), dim=-1)  # fp64: decays are differences of these sums
     Bc, Cc = chunks(B.float()).permute(0, 1, 3, 2, 4), chunks(C.float()).permute(0, 1, 3, 2, 4)  # (b, c, g, q, n)
     # heads of one group side by side: (b, c, g, q, per·p)
     xg = xdt.reshape(b, c, q, g, per, p).permute(0, 1, 3, 2, 4, 5)  # (b, c, g, q, per, p)
 
     # 1. within each chunk: y = (C·Bᵀ ∘ L) · (Δx), with L the decays between positions
-    L = torch.exp(_segsum(a)).reshape(b, g, per, c, q, q).permute(0, 3, 1, 2, 4, 5)  # (b, c, g, per, q, q)
+    L = _decays(a_cum).reshape(b, g, per, c, q, q).permute(0, 3, 1, 2, 4, 5)  # (b, c, g, per, q, q)
     CB = (Cc @ Bc.transpose(-1, -2))[:, :, :, None]  # (b, c, g, 1, q, q): once per group
     y = (CB * L) @ xg.permute(0, 1, 2, 4, 3, 5)  # (b, c, g, per, q, p)
 
     # 2. each chunk's own contribution to the state at its end: Σ_s decay_to_end(s) Δx_s ⊗ B_s
-    to_end = torch.exp(a_cum[..., -1:] - a_cum).reshape(b, g, per, c, q).permute(0, 3, 1, 2, 4)  # (b, c, g, per, q)
+    to_end = torch.exp(a_cum[..., -1:] - a_cum).float()
+    to_end = to_end.reshape(b, g, per, c, q).permute(0, 3, 1, 2, 4)  # (b, c, g, per, q)
     weighted = xg.permute(0, 1, 2, 4, 5, 3) * to_end[..., None, :]  # (b, c, g, per, p, q)
     local = weighted.reshape(b, c, g, per * p, q) @ Bc  # (b, c, g, per·p, n)
 
     # 3. states at chunk starts: a recurrence over chunks (few of them)
-    chunk_decay = torch.exp(a_cum[..., -1]).reshape(b, g, per, c).permute(0, 3, 1, 2)  # (b, c, g, per)
+    chunk_decay = torch.exp(a_cum[..., -1]).float().reshape(b, g, per, c).permute(0, 3, 1, 2)  # (b, c, g, per)
     state = (x_f.new_zeros(b, g, per, p, n) if initial_states is None
              else initial_states.float().reshape(b, g, per, p, n))
     starts = []
@@ -120,7 +119,7 @@ def ssd_chunk_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.
     start = torch.stack(starts, dim=1)  # (b, c, g, per, p, n)
 
     # 4. the start state's share of each output: C_t · state, decayed to t
-    from_start = torch.exp(a_cum).reshape(b, g, per, c, q).permute(0, 3, 1, 2, 4)  # (b, c, g, per, q)
+    from_start = torch.exp(a_cum).float().reshape(b, g, per, c, q).permute(0, 3, 1, 2, 4)  # (b, c, g, per, q)
     off = Cc @ start.reshape(b, c, g, per * p, n).transpose(-1, -2)  # (b, c, g, q, per·p)
     y = y + off.reshape(b, c, g, q, per, p).permute(0, 1, 2, 4, 3, 5) * from_start[..., None]
 
