@@ -3,10 +3,11 @@
 from .persistence import AdapterLoadError, load_adapter, save_adapter
 from .report import ParameterReport, parameter_report
 from .tuners import LilyConfig, LoraConfig, apply_adapter, merge_adapter
+from .tuners.liveness import DeadAdapterError
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AdapterLoadError", "LilyConfig", "LoraConfig", "ParameterReport", "apply_adapter", "load_adapter",
-    "merge_adapter", "parameter_report", "save_adapter",
+    "AdapterLoadError", "DeadAdapterError", "LilyConfig", "LoraConfig", "ParameterReport", "apply_adapter",
+    "load_adapter", "merge_adapter", "parameter_report", "save_adapter",
 ]
