@@ -11,12 +11,12 @@ import copy
 
 import pytest
 import torch
-from conftest import MAMBA_TARGETS, randomise_adapter, tiny_mamba
+from conftest import FAMILIES, MAMBA_TARGETS, randomise_adapter, tiny_family, tiny_mamba
 
 import lily_ssm
 from lily_ssm.modules.recompute import unfused
 from lily_ssm.ops import conv as conv_ops
-from lily_ssm.ops import kernels, selective_scan_chunked
+from lily_ssm.ops import kernels, selective_scan_chunked, ssd
 
 pytestmark = pytest.mark.cuda
 
@@ -117,6 +117,86 @@ def test_cached_generation_on_kernels_matches_pytorch_path(routing):
         with _reference_only():
             on_reference = model.generate(ids, use_cache=False, **kwargs)
     assert torch.equal(on_kernels, on_reference)
+
+
+@needs_kernels
+def test_ssd_kernel_matches_chunked_scan_values_and_gradients():
+    g = torch.Generator(device="cuda").manual_seed(0)
+    b, length, h, p, groups, n = 2, 300, 8, 16, 2, 32
+    x = {
+        "x": torch.randn(b, length, h, p, device="cuda", generator=g),
+        "dt": torch.randn(b, length, h, device="cuda", generator=g) * 0.5,
+        "A": -torch.rand(h, device="cuda", generator=g) * 4 - 0.5,
+        "B": torch.randn(b, length, groups, n, device="cuda", generator=g),
+        "C": torch.randn(b, length, groups, n, device="cuda", generator=g),
+        "D": torch.randn(h, device="cuda", generator=g),
+        "z": torch.randn(b, length, h, p, device="cuda", generator=g),
+        "dt_bias": torch.randn(h, device="cuda", generator=g) * 0.5,
+    }
+    for v in x.values():
+        v.requires_grad_()
+    outs = []
+    for scan in (kernels.get("mamba_chunk_scan_combined"), ssd.ssd_chunk_scan):
+        y, last = scan(x["x"], x["dt"], x["A"], x["B"], x["C"], 64, D=x["D"], z=x["z"], dt_bias=x["dt_bias"],
+                       dt_softplus=True, return_final_states=True)
+        outs.append((y.float(), last.float(), torch.autograd.grad(y.float().sum(), list(x.values()))))
+    (y_k, last_k, grads_k), (y_r, last_r, grads_r) = outs
+    torch.testing.assert_close(y_k, y_r, atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(last_k, last_r, atol=1e-3, rtol=1e-3)
+    for name, gk, gr in zip(x, grads_k, grads_r):
+        torch.testing.assert_close(gk, gr, atol=1e-2, rtol=1e-2, msg=f"gradient of {name}")
+
+
+def _family_targets(kind: str) -> list[str]:
+    return ["in_proj", "x_proj", "dt_proj", "out_proj"] if kind == "jamba" else ["in_proj.x", "in_proj.dt", "out_proj"]
+
+
+@needs_kernels
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_families_on_kernels_match_pytorch_path(kind):
+    """Each family's owned mixer on the kernels (out_proj a module): the loss, every adapter gradient and
+    cached generation of the PyTorch path."""
+    model = lily_ssm.apply_adapter(tiny_family(kind), lily_ssm.LilyConfig(_family_targets(kind), r=4, num_A=1,
+                                                                          num_B=3))
+    randomise_adapter(model, std=0.3)
+    model = model.cuda().train()
+    reference = copy.deepcopy(model)
+    ids = torch.randint(2, 64, (2, 24), device="cuda")
+    loss_k = model(ids, labels=ids).loss
+    loss_k.backward()
+    with _reference_only():
+        loss_r = reference(ids, labels=ids).loss
+        loss_r.backward()
+    torch.testing.assert_close(loss_k, loss_r, atol=1e-4, rtol=1e-4)
+    for (name, pk), (_, pr) in zip(model.lily_ssm_adapter.named_parameters(),
+                                   reference.lily_ssm_adapter.named_parameters()):
+        assert pk.grad is not None and pk.grad.abs().sum() > 0, name
+        torch.testing.assert_close(pk.grad, pr.grad, atol=1e-3, rtol=1e-2, msg=name)
+    model.eval()
+    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None)
+    with torch.no_grad():
+        on_kernels = model.generate(ids[:, :9], **kwargs)
+        with _reference_only():
+            on_reference = model.generate(ids[:, :9], use_cache=False, **kwargs)
+    assert torch.equal(on_kernels, on_reference)
+
+
+@pytest.mark.parametrize("kind", ["jamba", "mamba2", "falcon_h1"])
+def test_family_pytorch_path_on_cuda_matches_cpu(kind):
+    model = lily_ssm.apply_adapter(tiny_family(kind), lily_ssm.LilyConfig(_family_targets(kind), r=4, num_A=1,
+                                                                          num_B=3))
+    randomise_adapter(model, std=0.3)
+    on_gpu = copy.deepcopy(model).cuda().train()
+    model.train()
+    ids = torch.randint(2, 64, (2, 24), generator=torch.Generator().manual_seed(0))
+    loss_cpu = model(ids, labels=ids).loss
+    loss_cpu.backward()
+    with _reference_only():
+        loss_gpu = on_gpu(ids.cuda(), labels=ids.cuda()).loss
+        loss_gpu.backward()
+    torch.testing.assert_close(loss_gpu.cpu(), loss_cpu, atol=1e-4, rtol=1e-4)
+    for (name, p), (_, q) in zip(model.lily_ssm_adapter.named_parameters(), on_gpu.lily_ssm_adapter.named_parameters()):
+        torch.testing.assert_close(q.grad.cpu(), p.grad, atol=1e-4, rtol=1e-3, msg=name)
 
 
 def test_pytorch_path_on_cuda_matches_cpu():
