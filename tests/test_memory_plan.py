@@ -38,3 +38,21 @@ def test_dry_run_prints_the_plan_and_trains_nothing(tmp_path, capsys):
     assert cli(["train", str(SEVEN_B[0]), "--dry-run", "--set", f"training.output_dir={out}"]) == 0
     printed = capsys.readouterr().out
     assert "planned peak memory" in printed and "fits a 24 GB GPU: yes" in printed and not out.exists()
+
+
+def test_model_configs_are_read_without_weights_and_offline(monkeypatch, tmp_path):
+    """The known 7B architecture needs no hub; a local folder is read as is; an unknown hub id offline is one
+    clear error naming it and what would work."""
+    from transformers import FalconMambaConfig
+
+    from lily_ssm.models.loading import build_meta_model, load_model_config
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    assert load_model_config("tiiuae/falcon-mamba-7b").hidden_size == 4096
+    FalconMambaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                      state_size=4).save_pretrained(tmp_path / "local")
+    model = build_meta_model(str(tmp_path / "local"))
+    assert model.config.hidden_size == 16 and next(model.parameters()).device.type == "meta"
+    with pytest.raises(ValueError, match=r"cannot read the config of 'nobody/no-such-model'.*tiiuae/falcon-mamba-7b"):
+        load_model_config("nobody/no-such-model")

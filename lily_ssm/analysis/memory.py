@@ -16,19 +16,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import nn
+
+from ..models.loading import load_model_config, meta_model
 
 GIB = 1024 ** 3
 _DTYPE_BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2, torch.float64: 8}
-
-# Architectures the planner knows without reading a config (no hub access needed).
-KNOWN_CONFIGS: dict[str, dict[str, Any]] = {
-    "tiiuae/falcon-mamba-7b": {"model_type": "falcon_mamba", "vocab_size": 65024, "hidden_size": 4096,
-                               "intermediate_size": 8192, "num_hidden_layers": 64, "state_size": 16,
-                               "time_step_rank": 256, "conv_kernel": 4, "use_bias": False, "use_conv_bias": True,
-                               "tie_word_embeddings": False},
-}
-
 
 def saved_bytes(fn: Callable[[], Any], exclude: list[torch.Tensor] = ()) -> int:
     """Bytes of the tensors autograd saves for backward while ``fn()`` runs (each storage once); the
@@ -45,29 +37,6 @@ def saved_bytes(fn: Callable[[], Any], exclude: list[torch.Tensor] = ()) -> int:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fn()
     return sum(seen.values())
-
-
-def _meta_model(model_config: Any) -> nn.Module:
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(model_config)
-
-
-def load_model_config(name_or_path: str, trust_remote_code: bool = False) -> Any:
-    """The transformers config of ``name_or_path`` without loading weights: a local folder's, a known
-    architecture's (:data:`KNOWN_CONFIGS`, no hub access), or a hub id's (from the cache or the hub)."""
-    from pathlib import Path
-
-    from transformers import AutoConfig
-
-    if name_or_path in KNOWN_CONFIGS and not Path(name_or_path).is_dir():
-        return AutoConfig.for_model(**KNOWN_CONFIGS[name_or_path])
-    try:
-        return AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-    except OSError as exc:
-        raise ValueError(f"cannot read the config of {name_or_path!r} to plan its memory ({exc}); give a local "
-                         f"folder with config.json, or one of: {', '.join(KNOWN_CONFIGS)}") from None
 
 
 def activation_bytes(model_config: Any, adapter_config: Any, batch: int, tokens: int, dtype: torch.dtype,
@@ -89,7 +58,7 @@ def activation_bytes(model_config: Any, adapter_config: Any, batch: int, tokens:
     for count in (1, 2):
         cfg = copy.deepcopy(model_config)
         cfg.num_hidden_layers = count
-        model = _meta_model(cfg).to(dtype)
+        model = meta_model(cfg).to(dtype)
         apply_adapter(model, config)
         model.train()
         ids = torch.zeros(batch, tokens, dtype=torch.long, device="meta")
@@ -137,7 +106,7 @@ def plan_training_memory(experiment: Any) -> MemoryPlan:
     model_config = load_model_config(m.name_or_path, m.trust_remote_code)
     dtype = parse_dtype(m.dtype)
     dtype = torch.float32 if dtype in (None, "auto") else dtype
-    full = _meta_model(model_config).to(dtype)
+    full = meta_model(model_config, m.trust_remote_code).to(dtype)
     apply_adapter(full, adapter_config)
     adapter = parameter_report(full).adapter_total
     frozen = sum(p.numel() for n, p in full.named_parameters() if "lily_ssm_adapter" not in n)

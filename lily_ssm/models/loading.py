@@ -79,11 +79,40 @@ def load_model_and_tokenizer(name_or_path: str, dtype: str | torch.dtype | None 
     return model, tok
 
 
+# Architectures known without reading a config, so a 7B run can be planned with no hub access.
+KNOWN_CONFIGS: dict[str, dict[str, Any]] = {
+    "tiiuae/falcon-mamba-7b": {"model_type": "falcon_mamba", "vocab_size": 65024, "hidden_size": 4096,
+                               "intermediate_size": 8192, "num_hidden_layers": 64, "state_size": 16,
+                               "time_step_rank": 256, "conv_kernel": 4, "use_bias": False, "use_conv_bias": True,
+                               "tie_word_embeddings": False},
+}
+
+
+def load_model_config(name_or_path: str, trust_remote_code: bool = False) -> Any:
+    """The transformers config of ``name_or_path`` without loading weights: a local folder's, a built-in
+    model's, a known architecture's (:data:`KNOWN_CONFIGS`, no hub access), or a hub id's (cache or hub)."""
+    from transformers import AutoConfig
+
+    if name_or_path in KNOWN_CONFIGS and not Path(name_or_path).is_dir():
+        return AutoConfig.for_model(**KNOWN_CONFIGS[name_or_path])
+    path = resolve_model_path(name_or_path)
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except OSError as exc:
+        reason = " ".join(str(exc).split())  # transformers' message spans lines; a user error is one
+        raise ValueError(f"cannot read the config of {name_or_path!r} ({reason}); give a local folder with "
+                         f"config.json, or one of: {', '.join(KNOWN_CONFIGS)}") from None
+
+
+def meta_model(config: Any, trust_remote_code: bool = False):
+    """A causal LM of ``config`` on the meta device (no weights allocated)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+
+
 def build_meta_model(name_or_path: str, trust_remote_code: bool = False):
     """The model's architecture on the meta device (no weights read or allocated): enough to plan
     adapters and count parameters, even for a 7B model on a laptop."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(resolve_model_path(name_or_path), trust_remote_code=trust_remote_code)
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    return meta_model(load_model_config(name_or_path, trust_remote_code), trust_remote_code)
