@@ -39,6 +39,21 @@ def _reference_only():
     return kernels.override(devices=("cuda",))
 
 
+def _kernel_step_matches_reference(model, reference, ids, atol=1e-4, rtol=1e-3, **kwargs) -> None:
+    """One training step of ``model`` on the kernels and of its copy ``reference`` on the PyTorch path:
+    equal losses, and every adapter gradient non-zero and equal."""
+    loss_k = model(ids, labels=ids, **kwargs).loss
+    loss_k.backward()
+    with _reference_only():
+        loss_r = reference(ids, labels=ids, **kwargs).loss
+        loss_r.backward()
+    torch.testing.assert_close(loss_k, loss_r, atol=1e-4, rtol=1e-4)
+    for (name, pk), (_, pr) in zip(model.lily_ssm_adapter.named_parameters(),
+                                   reference.lily_ssm_adapter.named_parameters()):
+        assert pk.grad is not None and pk.grad.abs().sum() > 0, name
+        torch.testing.assert_close(pk.grad, pr.grad, atol=atol, rtol=rtol, msg=name)
+
+
 @needs_kernels
 def test_scan_kernel_matches_chunked_scan_values_and_gradients():
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -91,16 +106,7 @@ def test_adapted_model_on_kernels_matches_pytorch_path(kind):
     ids = torch.randint(2, 64, (2, 24), device="cuda")
     mask = torch.ones_like(ids)
     mask[0, :5] = 0
-    loss_k = model(ids, attention_mask=mask, labels=ids).loss
-    loss_k.backward()
-    with _reference_only():
-        loss_r = reference(ids, attention_mask=mask, labels=ids).loss
-        loss_r.backward()
-    torch.testing.assert_close(loss_k, loss_r, atol=1e-4, rtol=1e-4)
-    for (name, pk), (_, pr) in zip(model.lily_ssm_adapter.named_parameters(),
-                                   reference.lily_ssm_adapter.named_parameters()):
-        assert pk.grad is not None and pk.grad.abs().sum() > 0, name
-        torch.testing.assert_close(pk.grad, pr.grad, atol=1e-4, rtol=1e-3, msg=name)
+    _kernel_step_matches_reference(model, reference, ids, attention_mask=mask)
 
 
 @needs_kernels
@@ -162,16 +168,7 @@ def test_families_on_kernels_match_pytorch_path(kind):
     model = model.cuda().train()
     reference = copy.deepcopy(model)
     ids = torch.randint(2, 64, (2, 24), device="cuda")
-    loss_k = model(ids, labels=ids).loss
-    loss_k.backward()
-    with _reference_only():
-        loss_r = reference(ids, labels=ids).loss
-        loss_r.backward()
-    torch.testing.assert_close(loss_k, loss_r, atol=1e-4, rtol=1e-4)
-    for (name, pk), (_, pr) in zip(model.lily_ssm_adapter.named_parameters(),
-                                   reference.lily_ssm_adapter.named_parameters()):
-        assert pk.grad is not None and pk.grad.abs().sum() > 0, name
-        torch.testing.assert_close(pk.grad, pr.grad, atol=1e-3, rtol=1e-2, msg=name)
+    _kernel_step_matches_reference(model, reference, ids, atol=1e-3, rtol=1e-2)
     model.eval()
     kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None)
     with torch.no_grad():
