@@ -262,8 +262,27 @@ def _run(command: str, call: Callable[[], int], debug: bool) -> int:
         return 1
 
 
+def _show_progress_log() -> None:
+    """Print the toolkit's INFO lines (e.g. which scan runs) to stderr, as the commands' other progress."""
+    import logging
+
+    class ToStderr(logging.StreamHandler):
+        def emit(self, record: logging.LogRecord) -> None:
+            self.stream = sys.stderr  # whatever stderr is now (it may have been replaced since)
+            super().emit(record)
+
+    logger = logging.getLogger("lily_ssm")
+    if not logger.handlers:
+        handler = ToStderr()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    _show_progress_log()
     debug = False
     while argv[:1] == ["--debug"]:
         debug, argv = True, argv[1:]

@@ -24,6 +24,7 @@ from lm_eval.models import huggingface as _hf
 from lm_eval.models.huggingface import HFLM
 
 from ..models.loading import resolve_model_path
+from ..modules.mamba_mixer import patch_mamba_mixers
 from ..persistence import load_adapter
 from ..tuners.lily.config import LOOKAHEAD_MODES
 from ..tuners.model import ADAPTER_ATTR
@@ -47,6 +48,7 @@ class LilyLM(HFLM):
         self._row_lengths: list[int] | None = None
         if adapter is not None:  # also onto a model passed in already adapted (same config), never skipped
             load_adapter(self.model, adapter)
+        patch_mamba_mixers(self.model)  # the base alone runs lily-ssm's mixers too (no-op once adapted)
         self.model.eval()
 
     @contextlib.contextmanager

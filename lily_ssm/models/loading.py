@@ -62,8 +62,12 @@ def resolve_model_path(name_or_path: str) -> str:
 def load_model_and_tokenizer(name_or_path: str, dtype: str | torch.dtype | None = "auto",
                              device_map: str | dict[str, Any] | None = None, tokenizer: str | None = None,
                              trust_remote_code: bool = False):
-    """``(model, tokenizer)`` for a causal LM. The tokenizer gets a pad token (its EOS) if it has none."""
+    """``(model, tokenizer)`` for a causal LM. The tokenizer gets a pad token (its EOS) if it has none.
+    Its Mamba mixers run lily-ssm's forward (the function transformers' computes, on lily-ssm's scans and
+    the CUDA kernels when present) with or without an adapter."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ..modules.mamba_mixer import patch_mamba_mixers
 
     path = resolve_model_path(name_or_path)
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
@@ -72,6 +76,7 @@ def load_model_and_tokenizer(name_or_path: str, dtype: str | torch.dtype | None 
     if device_map is not None:
         kwargs["device_map"] = device_map
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    patch_mamba_mixers(model)
     tok = AutoTokenizer.from_pretrained(resolve_model_path(tokenizer) if tokenizer else path,
                                         trust_remote_code=trust_remote_code)
     if tok.pad_token is None:

@@ -2,12 +2,15 @@
 
 Neither package imports without CUDA, so nothing here imports them until a CUDA tensor asks.
 Tests substitute reference functions with :func:`override` to exercise the kernel wiring on CPU.
+The first dispatch on each device type logs one line (logger ``lily_ssm``, INFO) saying which scan and
+convolution run there and why (:func:`describe_path`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib
+import logging
 from collections.abc import Iterator
 from types import SimpleNamespace
 from typing import Any
@@ -22,6 +25,8 @@ _KERNEL_FUNCTIONS = {
     "causal_conv1d_update": "causal_conv1d",
 }
 _loaded: dict[str, Any] = {}
+_announced: set[str] = set()  # device types whose path has been logged
+logger = logging.getLogger("lily_ssm")
 _override: SimpleNamespace | None = None
 _override_devices: frozenset[str] = frozenset()
 
@@ -40,10 +45,28 @@ def get(name: str) -> Any | None:
 
 def usable(name: str, tensor: torch.Tensor) -> Any | None:
     """The kernel ``name`` if it exists and ``tensor`` lives where it can run, else None."""
+    device = tensor.device.type
+    if device not in _announced and _override is None and device != "meta":
+        _announced.add(device)
+        logger.info(describe_path(device))
     allowed = _override_devices if _override is not None else frozenset({"cuda"})
-    if tensor.device.type not in allowed:
+    if device not in allowed:
         return None
     return get(name)
+
+
+def describe_path(device_type: str) -> str:
+    """One line: which SSM scan and convolution run on tensors of ``device_type``, and why."""
+    if device_type != "cuda":
+        return (f"SSM path on {device_type}: lily-ssm's PyTorch scans and convolution (the mamba-ssm and "
+                "causal-conv1d kernels run on CUDA tensors only)")
+    missing = [name for name in _KERNEL_FUNCTIONS if get(name) is None]
+    if not missing:
+        return "SSM path on cuda: the mamba-ssm scan kernels and causal-conv1d"
+    packages = sorted({_KERNEL_FUNCTIONS[name].split(".")[0].replace("_", "-") for name in missing})
+    kernels_too = "" if len(missing) == len(_KERNEL_FUNCTIONS) else "; the other kernels run"
+    return (f"SSM path on cuda: lily-ssm's PyTorch code for {', '.join(missing)} ({' and '.join(packages)} not "
+            f"importable: pip install 'lily-ssm[cuda]'){kernels_too}")
 
 
 @contextlib.contextmanager
