@@ -56,6 +56,22 @@ def test_training_loss_decreases_and_writes_adapter_and_log(assets, tmp_path):
         assert torch.equal(param, loaded[name]), name
 
 
+def test_report_to_tensorboard_writes_event_files(assets, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    config = parse_config(experiment(assets, tmp_path / "run", report_to="tensorboard", max_steps=4,
+                                     eval_steps=2, save_steps=2, logging_steps=1))
+    run_training(config, log=lambda *_: None)
+    events = list((tmp_path / "run" / "runs").rglob("events.out.tfevents.*"))
+    assert events, "no TensorBoard event file under the run folder"
+    scalars = EventAccumulator(str(events[0].parent)).Reload().Tags()["scalars"]
+    assert {"train/loss", "eval/loss"} <= set(scalars), scalars
+    resumed = parse_config(experiment(assets, tmp_path / "run", report_to="none", max_steps=6, eval_steps=2,
+                                      save_steps=2, logging_steps=1, resume=True))
+    run_training(resumed, log=lambda *_: None)  # the tracker is not a training setting: resuming without it is fine
+
+
 def test_resume_continues_from_the_saved_step(assets, tmp_path):
     out = tmp_path / "run"
     run_training(parse_config(experiment(assets, out, max_steps=10)), log=lambda *_: None)

@@ -563,3 +563,19 @@ def test_merge_record_without_a_config_stays_on_the_model(tmp_path):
 
 def test_config_files_still_load(tmp_path):
     assert load_config(config_file(tmp_path)).training.output_dir == str(tmp_path / "run")
+
+
+def test_report_to_is_checked_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    from transformers.integrations import integration_utils
+
+    assert parse_config(experiment(tmp_path)).training.report_to == "none"  # the default stays none
+    with pytest.raises(ConfigError, match=r"training.report_to: unknown tracker 'tensorbord'; trackers: none, all, "
+                                          r".*tensorboard.*wandb"):
+        parse_config(experiment(tmp_path, report_to="tensorbord"))
+    with pytest.raises(ConfigError, match=r"training.report_to=5; give none, all, or tracker names"):
+        parse_config(experiment(tmp_path, report_to=5))
+    monkeypatch.setattr(integration_utils, "is_wandb_available", lambda: False)
+    with pytest.raises(ConfigError, match=r"training.report_to: wandb is not installed \(pip install wandb\)"):
+        parse_config(experiment(tmp_path, report_to=["wandb"]))
+    assert cli(["train", str(config_file(tmp_path)), "--set", "training.report_to=wandb"]) == 2
+    one_line_error(capsys, "wandb is not installed")

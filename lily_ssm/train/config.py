@@ -83,6 +83,7 @@ class TrainingSection:
     resume: bool | str = False
     overwrite: bool = False  # a fresh run may replace another run's checkpoints and adapter in output_dir
     progress_bar: bool = True
+    report_to: str | list[str] = "none"  # experiment trackers for the Trainer: none, tensorboard, wandb, ... or all
 
     bounds: ClassVar[dict[str, Bound]] = {
         "epochs": Bound(0, strict=True), "max_steps": Bound(1, special=(-1,), note="(or -1: train for epochs)"),
@@ -211,12 +212,36 @@ def parse_config(raw: Any, source: str = "<dict>") -> ExperimentConfig:
     if config.training.bf16 and config.training.fp16:
         raise ConfigError(f"{source}: training.bf16 and training.fp16 are both true; choose one precision")
     _check_output_dir(config.training.output_dir, source)
+    config.training.report_to = check_report_to(config.training.report_to, f"{source}: training.report_to")
     adapter_config = config.adapter_config()  # validate now, not after the model has loaded
     problem = getattr(adapter_config, "lookahead_problem", lambda _: None)(config.data.train_on_inputs)
     if problem:
         raise ConfigError(f"{source}: adapter.routing={adapter_config.routing!r} with "
                           f"data.train_on_inputs={config.data.train_on_inputs}: {problem}")
     return config
+
+
+def check_report_to(value: Any, where: str) -> str | list[str]:
+    """``value`` as the Trainer's ``report_to`` (``none``, ``all``, or integration names), checked now: an
+    unknown name lists the known ones, a tracker that is not installed says what to install."""
+    from transformers.integrations import integration_utils as integrations
+
+    if value in ("none", "all"):
+        return value
+    names = [value] if isinstance(value, str) else value
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise ConfigError(f"{where}={value!r}; give none, all, or tracker names (a name or a list)")
+    known = list(integrations.INTEGRATION_TO_CALLBACK)
+    for name in names:
+        if name not in known:
+            raise ConfigError(f"{where}: unknown tracker {name!r}; trackers: none, all, {', '.join(known)}")
+        available = next((getattr(integrations, f) for f in (f"is_{name}_available",
+                          f"is_{name.replace('_', '')}_available", f"is_{name.split('_')[0]}_available")
+                          if hasattr(integrations, f)), None)
+        if available is not None and not available():
+            package = {"azure_ml": "azureml-core", "flyte": "flytekit"}.get(name, name.replace("_", "-"))
+            raise ConfigError(f"{where}: {name} is not installed (pip install {package})")
+    return names
 
 
 def _check_output_dir(output_dir: str, source: str) -> None:

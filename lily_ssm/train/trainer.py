@@ -191,7 +191,7 @@ def _training_arguments(config: ExperimentConfig, has_eval: bool) -> TrainingArg
         activation_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
         include_num_input_tokens_seen="non_padding",
         disable_tqdm=not t.progress_bar,
-        report_to="none",
+        report_to=t.report_to,  # TensorBoard writes under <output_dir>/runs/ unless TENSORBOARD_LOGGING_DIR is set
         remove_unused_columns=False,
         dataloader_pin_memory=torch.cuda.is_available(),
         use_cpu=not torch.cuda.is_available(),  # also makes accelerate set up gloo under torchrun on CPU
