@@ -63,13 +63,13 @@ def _eval_commonsense(args: argparse.Namespace) -> int:
     from .data.prompts import resolve_tasks
     from .evaluation.commonsense import evaluate_commonsense, markdown_table, task_test_file
     from .models.loading import load_model_and_tokenizer
-    from .persistence import load_adapter, read_adapter
+    from .persistence import check_adapter_folder, load_adapter
     from .train.config import read_experiment_record, recorded_protocol
 
     for task in resolve_tasks(args.tasks):  # bad task names or missing files fail before the model loads
         task_test_file(args.data_root, task)
     if args.adapter:
-        read_adapter(args.adapter)  # a missing or damaged adapter fails before the model loads, too
+        check_adapter_folder(args.adapter)  # a missing or damaged adapter fails before the model loads, too
     record = read_experiment_record(args.adapter) if args.adapter else None
     trained = recorded_protocol(record[1]) if record else None
     protocol = args.protocol or trained or "paper"
@@ -98,6 +98,15 @@ def _inspect(args: argparse.Namespace) -> int:
     summary = inspect_adapters(args.adapters, out, data=args.data, model=args.model, limit=args.limit,
                                batch_size=args.batch_size, rtol=args.rtol, dtype=args.dtype, device=args.device)
     print(f"figures written to {out}/: {', '.join(Path(f).name for f in summary['figures'])} (numbers: inspect.json)")
+    return 0
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from .persistence import convert_adapter
+
+    to = "lily" if args.from_peft else "peft"
+    out = convert_adapter(args.source, args.destination, to=to, model=args.model)
+    print(f"{'lily-ssm' if to == 'lily' else 'PEFT'} adapter written to {out}/")
     return 0
 
 
@@ -177,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval-commonsense", help="the eight-task commonsense evaluation (generation + answer match)")
     ev.add_argument("--model", required=True, help="hub id, local folder, or builtin:tiny-falcon-mamba")
-    ev.add_argument("--adapter", help="adapter folder written by lily-ssm")
+    ev.add_argument("--adapter", help="adapter folder written by lily-ssm, or a PEFT LoRA / Lily adapter folder")
     ev.add_argument("--data-root", required=True, help="folder with <task>/test.json for each task")
     ev.add_argument("--tasks", default=None,
                     help="comma-separated subset of boolq,piqa,social_i_qa,hellaswag,winogrande,ARC-Easy,"
@@ -209,6 +218,18 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--dtype", default=None, help="model dtype (default: experiment.yaml's, else auto)")
     ins.add_argument("--device", default=None, help="e.g. cpu or cuda:0 (default: cuda if available)")
     ins.set_defaults(func=_inspect)
+
+    conv = sub.add_parser("convert", help="rewrite an adapter folder between PEFT's format and lily-ssm's "
+                          "(no base-model weights are loaded)")
+    direction = conv.add_mutually_exclusive_group(required=True)
+    direction.add_argument("--from-peft", action="store_true", help="SOURCE is a PEFT LoRA or Lily adapter folder")
+    direction.add_argument("--to-peft", action="store_true", help="SOURCE is a lily-ssm adapter folder; write one "
+                           "that peft.PeftModel.from_pretrained loads on the stock transformers model")
+    conv.add_argument("source", help="adapter folder to read")
+    conv.add_argument("destination", help="folder to write")
+    conv.add_argument("--model", default=None, help="base model, hub id or local folder (default: the one the PEFT "
+                      "config or the adapter's experiment.yaml records)")
+    conv.set_defaults(func=_convert)
 
     lm = sub.add_parser("lm-eval", add_help=False, help="lm-evaluation-harness's own command line with the 'lily' "
                         "backend registered, e.g. --model lily --model_args pretrained=...,adapter=... --tasks ...")

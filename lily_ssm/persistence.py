@@ -20,45 +20,64 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
+from .interop import peft
 from .tuners import config_from_dict
 from .tuners.base import AdapterConfig
 from .tuners.model import (
     ADAPTER_ATTR,
+    SAVED_PREFIX,
     adapter_content_sha256,
     apply_adapter,
     describe_base_model,
     get_adapter_state,
+    groups_layout,
     merged_adapters,
+    modules_shapes,
     modules_to_save_params,
     plan_pools,
     pool_tensors,
 )
 from .tuners.routing import RoutingContext
 from .utils.atomic import write_atomic
+from .utils.safe_load import AdapterLoadError, check_adapter_tensor, dtype_name
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 FORMAT_VERSION = 1
 
 
-class AdapterLoadError(ValueError):
-    """An adapter folder that cannot be loaded onto the given model."""
+SAVE_FORMATS = ("lily", "peft")
 
 
-def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
-    """Write the adapter of ``model`` to the folder ``path`` (created if needed); returns the folder."""
+def save_adapter(model: nn.Module, path: str | os.PathLike, format: str = "lily") -> Path:
+    """Write the adapter of ``model`` to the folder ``path`` (created if needed); returns the folder.
+
+    ``format="peft"`` writes a PEFT adapter folder instead, which ``peft.PeftModel.from_pretrained``
+    loads on the stock transformers model with the same outputs; adapters PEFT cannot reproduce
+    (dt_proj on transformers' Mamba mixers, part targets, Lily routing other than PEFT's) are refused
+    with the reason.
+    """
+    if format not in SAVE_FORMATS:
+        raise ValueError(f"format={format!r}; choose one of {', '.join(SAVE_FORMATS)}")
     state = get_adapter_state(model)
-    folder = Path(path)
     tensors = {key: p.detach().to("cpu").contiguous() for key, p in state.tensors().items()}
-    payload = save_safetensors(tensors, metadata={"format": "pt", "method": state.config.method})
+    adapter = peft.Translated(state.config, list(state.groups.values()), tensors)
+    if format == "peft":
+        return peft.write_peft_folder(path, *peft.lily_to_peft(model, adapter))
+    return _write_adapter(path, adapter, state.base_model)
+
+
+def _write_adapter(path: str | os.PathLike, adapter: peft.Translated, base_model: dict[str, Any]) -> Path:
+    folder = Path(path)
+    tensors = adapter.tensors
+    payload = save_safetensors(tensors, metadata={"format": "pt", "method": adapter.config.method})
     meta = {
         "format_version": FORMAT_VERSION,
-        "config": state.config.to_dict(),
-        "base_model": state.base_model,
-        "modules": state.modules_shapes(),
-        "groups": state.layout(),
-        "tensors": {key: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
-                    for key, t in tensors.items()},
+        "config": adapter.config.to_dict(),
+        "base_model": base_model,
+        "modules": modules_shapes(adapter.groups),
+        "groups": groups_layout(adapter.groups),
+        "tensors": {key: {"shape": list(t.shape), "dtype": dtype_name(t)} for key, t in tensors.items()},
         "weights_sha256": hashlib.sha256(payload).hexdigest(),
         "content_sha256": adapter_content_sha256(tensors),
     }
@@ -170,10 +189,6 @@ def _compare(expected: dict[str, Any], actual: dict[str, Any], what: str) -> lis
             for key in sorted(set(expected) | set(actual)) if expected.get(key) != actual.get(key)]
 
 
-def _dtype_name(tensor: torch.Tensor) -> str:
-    return str(tensor.dtype).removeprefix("torch.")
-
-
 def _read_tensors(folder: Path, meta: dict[str, Any],
                   allow_non_finite: bool = False) -> tuple[dict[str, torch.Tensor], str]:
     """The verified tensors and their content hash."""
@@ -194,21 +209,10 @@ def _read_tensors(folder: Path, meta: dict[str, Any],
         raise AdapterLoadError(f"{path} holds tensors {actual}, {CONFIG_NAME} lists {expected}")
     for key in sorted(tensors):
         tensor, recorded = tensors[key], meta["tensors"][key].get("dtype")
-        if recorded is not None and recorded != _dtype_name(tensor):
-            raise AdapterLoadError(f"adapter tensor {key} in {path} is {_dtype_name(tensor)}, but {CONFIG_NAME} "
+        if recorded is not None and recorded != dtype_name(tensor):
+            raise AdapterLoadError(f"adapter tensor {key} in {path} is {dtype_name(tensor)}, but {CONFIG_NAME} "
                                    f"records {recorded}")
-        if not tensor.is_floating_point():
-            raise AdapterLoadError(f"adapter tensor {key} in {path} is {_dtype_name(tensor)}; adapter weights must "
-                                   "be a floating-point dtype (float32, bfloat16, float16, float64)")
-        if not allow_non_finite:
-            finite = torch.isfinite(tensor)
-            if not bool(finite.all()):
-                nan = int(torch.isnan(tensor).sum())
-                raise AdapterLoadError(
-                    f"adapter tensor {key} in {path} holds {nan} NaN and {tensor.numel() - int(finite.sum()) - nan} "
-                    "infinite values (diverged training?); refused (load_adapter(..., allow_non_finite=True) "
-                    "accepts them)"
-                )
+        check_adapter_tensor(key, tensor, path, allow_non_finite)
     content = adapter_content_sha256(tensors)
     if meta.get("content_sha256", content) != content:
         raise AdapterLoadError(f"{path}: the tensors' content hash {content[:12]}... differs from content_sha256 "
@@ -221,24 +225,39 @@ def read_adapter(path: str | os.PathLike, *,
     """An adapter folder's metadata and tensors, without a model: the metadata's shape and config, the
     checksum, and each tensor's shape, dtype and (unless ``allow_non_finite``) finiteness are verified."""
     folder = Path(path)
+    if peft.is_peft_folder(folder):
+        raise AdapterLoadError(f"{folder} is a PEFT adapter folder: load_adapter reads it, and lily-ssm convert "
+                               f"--from-peft {folder} OUT writes it in lily-ssm's format")
     meta = _read_meta(folder)
     _parse_config(folder, meta)
     return meta, _read_tensors(folder, meta, allow_non_finite)[0]
 
 
+def check_adapter_folder(path: str | os.PathLike) -> None:
+    """Fail now, before a base model loads, if ``path`` is not a readable adapter folder of either format."""
+    if peft.is_peft_folder(path):
+        peft.read_peft_folder(path)
+    else:
+        read_adapter(path)
+
+
 def load_adapter(model: nn.Module, path: str | os.PathLike, *, allow_non_finite: bool = False) -> nn.Module:
     """Load the adapter in folder ``path`` onto ``model`` (a base model, or one already adapted with
     the same config) and return it. Nothing is changed if the adapter does not fit the model, holds
-    NaN or infinite values (unless ``allow_non_finite``), or was already merged into ``model``."""
+    NaN or infinite values (unless ``allow_non_finite``), or was already merged into ``model``.
+
+    A PEFT adapter folder (LoRA or Lily) loads too, with PEFT's semantics (see :mod:`.interop.peft`).
+    """
     folder = Path(path)
+    if peft.is_peft_folder(folder):
+        config, raw = peft.read_peft_folder(folder, allow_non_finite)
+        adapter = peft.peft_to_lily(model, config, raw, where=folder)
+        _check_existing(model, adapter.config)
+        return _install(model, folder, adapter.config, adapter.tensors, adapter_content_sha256(adapter.tensors))
+
     meta = _read_meta(folder)
     config = _parse_config(folder, meta)
-
-    existing = getattr(model, ADAPTER_ATTR, None)
-    if existing is not None and existing.config.to_dict() != config.to_dict():
-        raise AdapterLoadError(f"model already carries a different adapter ({existing.config.to_dict()}); "
-                               "load onto the base model instead")
-
+    _check_existing(model, config)
     made_for, actual = meta["base_model"], describe_base_model(model)
     problems = _compare({"architecture": made_for.get("architecture")}, {"architecture": actual["architecture"]},
                         "base model")
@@ -263,11 +282,24 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, allow_non_finite:
         raise AdapterLoadError(
             f"the config in {folder / CONFIG_NAME} implies adapter tensors {shapes}, but {WEIGHTS_NAME} holds {stored}"
         )
+    return _install(model, folder, config, tensors, content)
+
+
+def _check_existing(model: nn.Module, config: AdapterConfig) -> None:
+    existing = getattr(model, ADAPTER_ATTR, None)
+    if existing is not None and existing.config.to_dict() != config.resolve(model).to_dict():
+        raise AdapterLoadError(f"model already carries a different adapter ({existing.config.to_dict()}); "
+                               "load onto the base model instead")
+
+
+def _install(model: nn.Module, folder: Path, config: AdapterConfig, tensors: dict[str, torch.Tensor],
+             content: str) -> nn.Module:
+    """Apply ``config`` (unless the model has it already) and copy the verified ``tensors`` in."""
     if content in merged_adapters(model):
         raise AdapterLoadError(f"adapter {folder}: its weights were already merged into this model (its config records "
                                "lily_ssm_merged); loading it again would apply it twice. Load it onto the unmerged "
                                "base model instead")
-    if existing is None:
+    if getattr(model, ADAPTER_ATTR, None) is None:
         apply_adapter(model, config)
     with torch.no_grad():
         for key, param in get_adapter_state(model).tensors().items():
@@ -285,3 +317,60 @@ def _planned_layout(model: nn.Module, config: AdapterConfig) -> tuple[dict[str, 
     modules = {m.key: [m.in_features, m.out_features] for g in groups for m in g.modules}
     tensors = {**pool_tensors(pools), **modules_to_save_params(model, list(getattr(config, "modules_to_save", [])))}
     return modules, {key: list(p.shape) for key, p in tensors.items()}
+
+
+def convert_adapter(source: str | os.PathLike, destination: str | os.PathLike, to: str,
+                    model: str | None = None) -> Path:
+    """Rewrite an adapter folder in the other format without loading the base model's weights (its
+    architecture is built on the meta device): ``to="lily"`` reads a PEFT folder, ``to="peft"`` one of
+    lily-ssm's. ``model`` names the base model (hub id or folder); by default the one the PEFT config
+    or the adapter's ``experiment.yaml`` records."""
+    from .models.loading import build_meta_model
+
+    if to not in SAVE_FORMATS:
+        raise ValueError(f"to={to!r}; choose one of {', '.join(SAVE_FORMATS)}")
+    source = Path(source)
+    is_peft = peft.is_peft_folder(source)
+    if is_peft != (to == "lily"):
+        kind = "a PEFT" if is_peft else "a lily-ssm"
+        raise AdapterLoadError(f"{source} is {kind} adapter folder; convert it with "
+                               f"{'--from-peft' if is_peft else '--to-peft'}")
+    if to == "lily":
+        config, raw = peft.read_peft_folder(source)
+        base = _base_model_name(model, config.get("base_model_name_or_path"), source)
+        meta_model = build_meta_model(base)
+        adapter = peft.peft_to_lily(meta_model, config, raw, where=source)
+        return _write_adapter(destination, adapter, describe_base_model(meta_model))
+    meta, tensors = read_adapter(source)
+    config = config_from_dict(meta["config"])
+    base = _base_model_name(model, _recorded_model(source), source)
+    meta_model = build_meta_model(base)
+    made_for, actual = meta["base_model"], describe_base_model(meta_model)
+    problems = _compare(made_for.get("dimensions", {}), actual["dimensions"], "config")
+    if made_for.get("architecture") != actual["architecture"] or problems:
+        raise AdapterLoadError(f"adapter {source} was made for {made_for.get('architecture')}, not {base} "
+                               f"({actual['architecture']}): " + "; ".join(problems[:4]))
+    groups, pools = plan_pools(meta_model, config, RoutingContext(), device=torch.device("meta"))
+    planned = {key: list(p.shape) for key, p in pool_tensors(pools).items()}
+    stored = {key: list(t.shape) for key, t in tensors.items() if not key.startswith(SAVED_PREFIX)}
+    if modules_shapes(groups) != meta["modules"] or planned != stored:
+        raise AdapterLoadError(f"adapter {source} does not fit {base}: its modules or tensor shapes differ from the "
+                               "ones its config gives on that model")
+    return peft.write_peft_folder(destination, *peft.lily_to_peft(meta_model, peft.Translated(config, groups,
+                                                                                               tensors)))
+
+
+def _recorded_model(folder: Path) -> str | None:
+    from .train.config import read_experiment_record
+
+    record = read_experiment_record(folder)
+    section = record[1].get("model") if record else None
+    return section.get("name_or_path") if isinstance(section, dict) else None
+
+
+def _base_model_name(given: str | None, recorded: str | None, source: Path) -> str:
+    if given:
+        return given
+    if isinstance(recorded, str) and recorded:
+        return recorded
+    raise ValueError(f"{source} does not record its base model; name it with --model (a hub id or local folder)")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -73,17 +73,26 @@ class AdapterState(nn.Module):
         self.hook_handles: list[Any] = []
 
     def modules_shapes(self) -> dict[str, list[int]]:
-        return {m.key: [m.in_features, m.out_features] for g in self.groups.values() for m in g.modules}
+        return modules_shapes(self.groups.values())
 
     def layout(self) -> dict[str, dict[str, Any]]:
-        """Per target type, its layer count and its slots in layer order with their positions (saved
-        with the adapter so it can be analysed without the base model)."""
-        return {key: {"num_layers": g.num_layers, "modules": [[m.key, m.position] for m in g.modules]}
-                for key, g in self.groups.items()}
+        return groups_layout(self.groups.values())
 
     def tensors(self) -> dict[str, nn.Parameter]:
         """Every adapter tensor once, keyed ``<target type>.<kind>``, plus ``modules_to_save.<path>``."""
         return {**pool_tensors(self.pools), **self.saved}
+
+
+def modules_shapes(groups: Iterable[TargetGroup]) -> dict[str, list[int]]:
+    """``[in, out]`` of every adapted slot, by slot key (as saved with an adapter)."""
+    return {m.key: [m.in_features, m.out_features] for g in groups for m in g.modules}
+
+
+def groups_layout(groups: Iterable[TargetGroup]) -> dict[str, dict[str, Any]]:
+    """Per target type, its layer count and its slots in layer order with their positions (saved
+    with the adapter so it can be analysed without the base model)."""
+    return {g.key: {"num_layers": g.num_layers, "modules": [[m.key, m.position] for m in g.modules]}
+            for g in groups}
 
 
 SAVED_PREFIX = "modules_to_save."

@@ -1,4 +1,5 @@
-"""Reading PyTorch ``.pth`` / ``.pt`` files safely (``weights_only=True``), with one-line errors."""
+"""Reading tensor files safely: PyTorch ``.pth`` / ``.pt`` files with ``weights_only=True``, and the
+checks every loaded adapter tensor passes; errors are one line."""
 
 from __future__ import annotations
 
@@ -13,6 +14,32 @@ import torch
 
 class TensorFileError(ValueError):
     """A file that should hold tensors but cannot be read as a weights-only PyTorch file."""
+
+
+class AdapterLoadError(ValueError):
+    """An adapter folder that cannot be loaded onto the given model."""
+
+
+def dtype_name(tensor: torch.Tensor) -> str:
+    return str(tensor.dtype).removeprefix("torch.")
+
+
+def check_adapter_tensor(key: str, tensor: torch.Tensor, where: str | os.PathLike,
+                         allow_non_finite: bool = False) -> None:
+    """Refuse an adapter tensor that is not floating point, or holds NaN / infinite values (unless
+    ``allow_non_finite``); ``where`` names the file it came from."""
+    if not tensor.is_floating_point():
+        raise AdapterLoadError(f"adapter tensor {key} in {where} is {dtype_name(tensor)}; adapter weights must be a "
+                               "floating-point dtype (float32, bfloat16, float16, float64)")
+    if allow_non_finite:
+        return
+    finite = torch.isfinite(tensor)
+    if not bool(finite.all()):
+        nan = int(torch.isnan(tensor).sum())
+        raise AdapterLoadError(
+            f"adapter tensor {key} in {where} holds {nan} NaN and {tensor.numel() - int(finite.sum()) - nan} "
+            "infinite values (diverged training?); refused (load_adapter(..., allow_non_finite=True) accepts them)"
+        )
 
 
 _UNSUPPORTED = re.compile(r"Unsupported global: GLOBAL (\S+)")
