@@ -68,9 +68,9 @@ def _eval_commonsense(args: argparse.Namespace) -> int:
 
     for task in resolve_tasks(args.tasks):  # bad task names or missing files fail before the model loads
         task_test_file(args.data_root, task)
-    if args.adapter:
-        check_adapter_folder(args.adapter)  # a missing or damaged adapter fails before the model loads, too
-    record = read_experiment_record(args.adapter) if args.adapter else None
+    # a missing, damaged or unreachable adapter fails before the model loads, too
+    adapter = check_adapter_folder(args.adapter, args.adapter_revision) if args.adapter else None
+    record = read_experiment_record(adapter) if adapter else None
     trained = recorded_protocol(record[1]) if record else None
     protocol = args.protocol or trained or "paper"
     if trained and protocol != trained:
@@ -78,8 +78,8 @@ def _eval_commonsense(args: argparse.Namespace) -> int:
               f"{protocol!r}: the prompts differ from the ones it was tuned on", file=sys.stderr)
     print(f"protocol {protocol}" + (f" (the adapter's, from {record[0]})" if record and not args.protocol else ""))
     model, tokenizer = load_model_and_tokenizer(args.model, args.dtype, args.device_map)
-    if args.adapter:
-        load_adapter(model, args.adapter)
+    if adapter:
+        load_adapter(model, adapter)
     results = evaluate_commonsense(model, tokenizer, args.data_root, args.tasks, args.batch_size, args.num_beams,
                                    args.max_new_tokens, args.limit, args.output, protocol=protocol)
     print()
@@ -94,7 +94,9 @@ def _inspect(args: argparse.Namespace) -> int:
 
     from .analysis.inspect import inspect_adapters
 
-    out = Path(args.out) if args.out else Path(args.adapters[0]) / "inspect"
+    first = args.adapters[0]  # the default output sits beside a local adapter, never inside the Hub cache
+    out = Path(args.out) if args.out else (Path(first) / "inspect" if Path(first).exists()
+                                           else Path(f"inspect-{first.replace('/', '--')}"))
     summary = inspect_adapters(args.adapters, out, data=args.data, model=args.model, limit=args.limit,
                                batch_size=args.batch_size, rtol=args.rtol, dtype=args.dtype, device=args.device)
     print(f"figures written to {out}/: {', '.join(Path(f).name for f in summary['figures'])} (numbers: inspect.json)")
@@ -107,6 +109,15 @@ def _convert(args: argparse.Namespace) -> int:
     to = "lily" if args.from_peft else "peft"
     out = convert_adapter(args.source, args.destination, to=to, model=args.model)
     print(f"{'lily-ssm' if to == 'lily' else 'PEFT'} adapter written to {out}/")
+    return 0
+
+
+def _push(args: argparse.Namespace) -> int:
+    from .interop.push import push_adapter
+
+    url = push_adapter(args.adapter, args.repo_id, private=args.private or None, revision=args.revision,
+                       commit_message=args.message)
+    print(f"adapter {args.adapter} pushed to {args.repo_id}: {url}")
     return 0
 
 
@@ -186,7 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval-commonsense", help="the eight-task commonsense evaluation (generation + answer match)")
     ev.add_argument("--model", required=True, help="hub id, local folder, or builtin:tiny-falcon-mamba")
-    ev.add_argument("--adapter", help="adapter folder written by lily-ssm, or a PEFT LoRA / Lily adapter folder")
+    ev.add_argument("--adapter", help="adapter folder written by lily-ssm or PEFT (LoRA / Lily), or a Hugging Face "
+                    "Hub id org/name")
+    ev.add_argument("--adapter-revision", default=None, help="branch, tag or commit of a Hub adapter (default main)")
     ev.add_argument("--data-root", required=True, help="folder with <task>/test.json for each task")
     ev.add_argument("--tasks", default=None,
                     help="comma-separated subset of boolq,piqa,social_i_qa,hellaswag,winogrande,ARC-Easy,"
@@ -206,11 +219,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     ins = sub.add_parser("inspect", help="PNG figures of saved adapters: effective rank of ΔW per layer, router "
                          "weights, Lily's A groups and B-expert usage")
-    ins.add_argument("adapters", nargs="+", help="adapter folders (several are overlaid in the rank figure)")
+    ins.add_argument("adapters", nargs="+", help="adapter folders or Hub ids org/name (several are overlaid in the "
+                     "rank figure)")
     ins.add_argument("--data", default=None, help="for Lily router weights: a commonsense JSON file, a test-set root "
                      "with <task>/test.json, builtin:synthetic-commonsense, or the VTAB-1K root for a vtab task folder")
     ins.add_argument("--model", default=None, help="base model for --data (default: the adapter's experiment.yaml)")
-    ins.add_argument("--out", default=None, help="output folder (default: <first adapter>/inspect)")
+    ins.add_argument("--out", default=None, help="output folder (default: <first adapter>/inspect, or "
+                     "inspect-<org>--<name> for a Hub adapter)")
     ins.add_argument("--limit", type=positive_int, default=64, help="data items to run (default 64)")
     ins.add_argument("--batch-size", type=positive_int, default=8)
     ins.add_argument("--rtol", type=float, default=1e-3,
@@ -230,6 +245,15 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--model", default=None, help="base model, hub id or local folder (default: the one the PEFT "
                       "config or the adapter's experiment.yaml records)")
     conv.set_defaults(func=_convert)
+
+    push = sub.add_parser("push", help="upload an adapter folder to the Hugging Face Hub with a generated model card "
+                          "(base model, method, targets, parameter count, results found beside it)")
+    push.add_argument("adapter", help="adapter folder written by lily-ssm")
+    push.add_argument("repo_id", help="Hub repository org/name (created if needed)")
+    push.add_argument("--private", action="store_true", help="create the repository private")
+    push.add_argument("--revision", default=None, help="branch to push to (default main)")
+    push.add_argument("--message", default=None, help="commit message")
+    push.set_defaults(func=_push)
 
     lm = sub.add_parser("lm-eval", add_help=False, help="lm-evaluation-harness's own command line with the 'lily' "
                         "backend registered, e.g. --model lily --model_args pretrained=...,adapter=... --tasks ...")

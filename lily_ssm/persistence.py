@@ -21,6 +21,7 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from .interop import peft
+from .interop.hub import resolve_adapter
 from .tuners import config_from_dict
 from .tuners.base import AdapterConfig
 from .tuners.model import (
@@ -220,11 +221,12 @@ def _read_tensors(folder: Path, meta: dict[str, Any],
     return tensors, content
 
 
-def read_adapter(path: str | os.PathLike, *,
+def read_adapter(path: str | os.PathLike, *, revision: str | None = None,
                  allow_non_finite: bool = False) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """An adapter folder's metadata and tensors, without a model: the metadata's shape and config, the
-    checksum, and each tensor's shape, dtype and (unless ``allow_non_finite``) finiteness are verified."""
-    folder = Path(path)
+    checksum, and each tensor's shape, dtype and (unless ``allow_non_finite``) finiteness are verified.
+    ``path`` may be a Hub id (``org/name``, at ``revision``)."""
+    folder = resolve_adapter(path, revision)
     if peft.is_peft_folder(folder):
         raise AdapterLoadError(f"{folder} is a PEFT adapter folder: load_adapter reads it, and lily-ssm convert "
                                f"--from-peft {folder} OUT writes it in lily-ssm's format")
@@ -233,22 +235,27 @@ def read_adapter(path: str | os.PathLike, *,
     return meta, _read_tensors(folder, meta, allow_non_finite)[0]
 
 
-def check_adapter_folder(path: str | os.PathLike) -> None:
-    """Fail now, before a base model loads, if ``path`` is not a readable adapter folder of either format."""
-    if peft.is_peft_folder(path):
-        peft.read_peft_folder(path)
+def check_adapter_folder(path: str | os.PathLike, revision: str | None = None) -> Path:
+    """The local folder of ``path`` (a folder or Hub id); fails now, before a base model loads, if it is not
+    a readable adapter folder of either format."""
+    folder = resolve_adapter(path, revision)
+    if peft.is_peft_folder(folder):
+        peft.read_peft_folder(folder)
     else:
-        read_adapter(path)
+        read_adapter(folder)
+    return folder
 
 
-def load_adapter(model: nn.Module, path: str | os.PathLike, *, allow_non_finite: bool = False) -> nn.Module:
+def load_adapter(model: nn.Module, path: str | os.PathLike, *, revision: str | None = None,
+                 allow_non_finite: bool = False) -> nn.Module:
     """Load the adapter in folder ``path`` onto ``model`` (a base model, or one already adapted with
     the same config) and return it. Nothing is changed if the adapter does not fit the model, holds
     NaN or infinite values (unless ``allow_non_finite``), or was already merged into ``model``.
 
-    A PEFT adapter folder (LoRA or Lily) loads too, with PEFT's semantics (see :mod:`.interop.peft`).
+    A PEFT adapter folder (LoRA or Lily) loads too, with PEFT's semantics (see :mod:`.interop.peft`), and
+    ``path`` may be a Hugging Face Hub id (``org/name``, at ``revision``: a branch, tag or commit).
     """
-    folder = Path(path)
+    folder = resolve_adapter(path, revision)
     if peft.is_peft_folder(folder):
         config, raw = peft.read_peft_folder(folder, allow_non_finite)
         adapter = peft.peft_to_lily(model, config, raw, where=folder)
@@ -329,7 +336,7 @@ def convert_adapter(source: str | os.PathLike, destination: str | os.PathLike, t
 
     if to not in SAVE_FORMATS:
         raise ValueError(f"to={to!r}; choose one of {', '.join(SAVE_FORMATS)}")
-    source = Path(source)
+    source = resolve_adapter(source)
     is_peft = peft.is_peft_folder(source)
     if is_peft != (to == "lily"):
         kind = "a PEFT" if is_peft else "a lily-ssm"

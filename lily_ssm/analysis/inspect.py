@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from ..interop.hub import resolve_adapter
 from ..persistence import CONFIG_NAME, read_adapter
 from ..train.config import EXPERIMENT_NAME
 from ..tuners import config_from_dict
@@ -423,10 +424,11 @@ def inspect_adapters(adapter_dirs: list[str | Path], out_dir: str | Path, data: 
     LoRA's ΔW does not depend on the input) is a commonsense JSON/JSONL file, a test-set root with
     ``<task>/test.json``, ``builtin:synthetic-commonsense``, or for a VTAB task folder the VTAB-1K root;
     its first ``limit`` items are run in batches of ``batch_size``. The language model is ``model`` or
-    the one in the adapter folder's ``experiment.yaml``; a VTAB task folder's Vim is rebuilt from its
-    ``result.json``. With several adapters, per-adapter figures are prefixed with the folder name.
+    the one in the adapter folder's ``experiment.yaml``; a VTAB task folder's backbone (Vim or ViT) is
+    rebuilt from its ``result.json``. With several adapters, per-adapter figures are prefixed with the folder name.
     """
-    folders = [Path(d) for d in adapter_dirs]
+    given = [str(d) for d in adapter_dirs]
+    folders = [resolve_adapter(d) for d in adapter_dirs]  # a Hub id (org/name) becomes its local snapshot
     if not folders:
         raise ValueError("no adapter folders given")
     if limit < 1 or batch_size < 1:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,21 +24,22 @@ from lm_eval.models.huggingface import HFLM
 
 from ..models.loading import resolve_model_path
 from ..modules.mamba_mixer import patch_mamba_mixers
-from ..persistence import load_adapter
+from ..persistence import check_adapter_folder, load_adapter
 from ..tuners.lily.config import LOOKAHEAD_MODES
 from ..tuners.model import ADAPTER_ATTR
 
 
 @register_model("lily")
 class LilyLM(HFLM):
-    """``HFLM`` plus ``adapter=<folder>`` (a lily-ssm adapter; optional, to score the base alone) and
-    ``allow_lookahead=True`` to score a ``sequence`` / ``batch``-routed adapter anyway."""
+    """``HFLM`` plus ``adapter=<folder or org/name>`` (a lily-ssm or PEFT adapter, a Hub id at
+    ``adapter_revision``; optional, to score the base alone) and ``allow_lookahead=True`` to score a
+    ``sequence`` / ``batch``-routed adapter anyway."""
 
     def __init__(self, pretrained: Any, adapter: str | None = None, allow_lookahead: bool = False,
-                 **kwargs: Any) -> None:
+                 adapter_revision: str | None = None, **kwargs: Any) -> None:
         self.allow_lookahead = allow_lookahead
-        if adapter is not None and not Path(adapter).is_dir():
-            raise FileNotFoundError(f"adapter folder {adapter} does not exist (model_args adapter=...)")
+        if adapter is not None:  # a missing, damaged or unreachable adapter fails before the model loads
+            adapter = check_adapter_folder(str(adapter), adapter_revision)
         if isinstance(pretrained, str):
             pretrained = resolve_model_path(pretrained)
         kwargs.setdefault("backend", "causal")
