@@ -178,8 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "(measured on the meta device at the real shapes) and stop")
     train.set_defaults(func=_train)
 
-    vt = sub.add_parser("vtab", help="fine-tune Vision Mamba on VTAB-1K tasks and report test accuracy")
-    vt.add_argument("config", help="YAML file with model / adapter / data / training sections (configs/vim/)")
+    vt = sub.add_parser("vtab", help="fine-tune Vision Mamba (or, with model.kind: vit, a transformers ViT) on VTAB-1K "
+                        "tasks and report test accuracy")
+    vt.add_argument("config", help="YAML file with model / adapter / data / training sections (configs/vim/, "
+                    "configs/vit/)")
     vt.add_argument("--task", required=True, help="a task name, a comma-separated list, or all")
     vt.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="override a config value, e.g. --set training.epochs=10 (repeatable)")

@@ -16,13 +16,13 @@ from lily_ssm.train.vtab import build_model, load_vtab_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 PAPER_CONFIGS = sorted((CONFIGS / "falcon-mamba-7b").glob("*.yaml")) + [
-    CONFIGS / "vim" / name for name in ("lily_s.yaml", "lily_l.yaml", "lora.yaml")]
+    CONFIGS / "vim" / name for name in ("lily_s.yaml", "lily_l.yaml", "lora.yaml")] + [CONFIGS / "vit" / "lily.yaml"]
 _STATED = re.compile(r"([\d,]{5,}) trainable parameters(?: \(the paper: ([\d.]+)M\))?")
 _NO_FIGURE = "not in our copy of the paper"
 
 
 def _count(path: Path, per_task: dict | None = None) -> int:
-    if path.parent.name == "vim":
+    if path.parent.name in ("vim", "vit"):
         experiment = load_vtab_config(path)
         if per_task is not None:
             experiment.adapter["per_task"] = per_task

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..train.config import ConfigError
@@ -42,9 +43,13 @@ def base_model_for_planning(config: AblationConfig) -> nn.Module:
         from ..models.loading import build_meta_model
 
         return build_meta_model(model["name_or_path"], model["trust_remote_code"])
-    from ..train.vtab import VimModelSection, build_backbone
+    from ..train.vtab import VtabModelSection, build_backbone
 
-    return build_backbone(VimModelSection(**model), config.ablation.tasks[0])
+    section = VtabModelSection(**model)
+    if section.kind == "vit":  # its config is enough: no weights are read, nothing is allocated
+        with torch.device("meta"):
+            return build_backbone(section, config.ablation.tasks[0], weights=False)
+    return build_backbone(section, config.ablation.tasks[0])
 
 
 def plan_arms(config: AblationConfig, model: nn.Module | None = None) -> list[Arm]:

@@ -2,8 +2,9 @@
 
 One YAML file with an ``ablation`` section plus the sections of the experiment each arm runs:
 ``model`` / ``data`` / ``training`` / ``evaluation`` for the language path (``lily-ssm train`` +
-the commonsense evaluator), ``model`` / ``data`` / ``training`` for the Vim path (``lily-ssm vtab``).
-Each arm's adapter is not written by hand: the budget matcher sizes it.
+the commonsense evaluator), ``model`` / ``data`` / ``training`` for the VTAB path ``vim`` (``lily-ssm
+vtab``, whose ``model.kind`` is Vision Mamba or, with ``kind: vit``, a transformers ViT). Each arm's
+adapter is not written by hand: the budget matcher sizes it.
 """
 
 from __future__ import annotations
@@ -51,11 +52,21 @@ TARGET_SETS: dict[str, dict[str, list[str]]] = {
         "x_proj.C": ["x_proj.C", "x_proj_b.C"],
         "all": ["in_proj", "x_proj", "x_proj_b", "dt_proj", "dt_proj_b", "out_proj"],
     },
+    # transformers' ViT (model.kind: vit on the VTAB path): the placements of the paper's App. E, where "mlp"
+    # is the adapter parallel to the whole MLP block (the published vit/lily.py).
+    "vit": {
+        "qv": ["q_proj", "v_proj"], "kv": ["k_proj", "v_proj"], "qkv": ["q_proj", "k_proj", "v_proj"],
+        "mlp": ["mlp"], "qv+mlp": ["q_proj", "v_proj", "mlp"], "kv+mlp": ["k_proj", "v_proj", "mlp"],
+        "fc": ["fc1", "fc2"],
+    },
 }
 DEFAULT_SETS = {"language": ["in", "dt", "dt+in", "x_proj", "out_proj", "in.x", "in.z", "all"],
                 "language-mamba2": ["in", "out_proj", "in.z", "in.x", "in.B", "in.C", "in.dt", "all"],
-                "vim": ["in", "dt", "dt+in", "x_proj", "out_proj", "in.x", "in.z", "all"]}
-DEFAULT_ROUTING = {"language": "causal", "vim": "token"}
+                "vim": ["in", "dt", "dt+in", "x_proj", "out_proj", "in.x", "in.z", "all"],
+                "vit": ["qv", "mlp", "qv+mlp", "kv+mlp"]}
+# By preset table: Mamba LMs route causally; Vim per token (the paper's Vim runs); ViT per batch (the
+# published vit/lily.py averages the router softmax over the batch and its tokens).
+DEFAULT_ROUTING = {"language": "causal", "language-mamba2": "causal", "vim": "token", "vit": "batch"}
 DEFAULT_METHOD_SETTINGS = {"lily": {"num_A": 4, "num_B": 4}, "lora": {}}  # LoRA: alpha = 2·r unless set
 _SET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")  # names become folder names
 
@@ -96,10 +107,12 @@ class AblationConfig:
     source: str = "<dict>"
 
     def presets(self, model: nn.Module | None = None) -> str:
-        """The preset table of the arms' architecture: ``vim``, ``language`` (Mamba-1) or
-        ``language-mamba2`` (when ``model`` has transformers Mamba-2 mixers)."""
-        if self.ablation.path == "language" and model is not None and \
-                any(type(m).__name__ in MAMBA2_MIXERS for m in model.modules()):
+        """The preset table of the arms' architecture: on the VTAB path its ``model.kind`` (``vim`` or
+        ``vit``); on the language path ``language`` (Mamba-1) or ``language-mamba2`` (when ``model`` has
+        transformers Mamba-2 mixers)."""
+        if self.ablation.path != "language":
+            return str(self.sections["model"].get("kind", "vim"))
+        if model is not None and any(type(m).__name__ in MAMBA2_MIXERS for m in model.modules()):
             return "language-mamba2"
         return self.ablation.path
 
@@ -117,7 +130,8 @@ class AblationConfig:
         if not isinstance(sets, list) or not sets:
             raise ConfigError(f"{self.source}: ablation.target_sets={sets!r}; give preset names or a mapping "
                               "name: [targets]")
-        tables = [table] if model is not None else [t for t in TARGET_SETS if t.startswith(self.ablation.path)]
+        tables = [table] if model is not None or self.ablation.path != "language" else \
+            [t for t in TARGET_SETS if t.startswith(self.ablation.path)]
         known = {name for t in tables for name in TARGET_SETS[t]}
         unknown = [name for name in sets if name not in known]
         if unknown:
@@ -128,7 +142,7 @@ class AblationConfig:
         return {name: list(TARGET_SETS[table].get(name, [])) for name in sets}
 
     def routing_modes(self) -> list[str]:
-        return list(self.ablation.routing or [DEFAULT_ROUTING[self.ablation.path]])
+        return list(self.ablation.routing or [DEFAULT_ROUTING[self.presets()]])
 
 
 def _target_list(name: Any, targets: Any, source: str) -> list[str]:
@@ -140,9 +154,9 @@ def _target_list(name: Any, targets: Any, source: str) -> list[str]:
 
 
 def _vim_classes() -> dict[str, type]:
-    from ..train.vtab import VimModelSection, VtabDataSection, VtabTrainingSection
+    from ..train.vtab import VtabDataSection, VtabModelSection, VtabTrainingSection
 
-    return {"model": VimModelSection, "data": VtabDataSection, "training": VtabTrainingSection}
+    return {"model": VtabModelSection, "data": VtabDataSection, "training": VtabTrainingSection}
 
 
 def section_classes(path: str) -> dict[str, type]:
@@ -176,13 +190,14 @@ def parse_ablation(raw: Any, source: str = "<dict>") -> AblationConfig:
         raise ConfigError(f"{source}: training.output_dir is set per arm under ablation.output_dir; remove it")
     raw["training"] = {**training, "output_dir": "<per arm>"}
     sections, _ = parse_sections({**raw, "adapter": {}}, classes, source)
-    values = {name: asdict(section) for name, section in sections.items()}
-    del values["training"]["output_dir"]
     if ablation.path == "vim":
-        from ..models.vim import VIM_PRESETS
-
-        if sections["model"].preset not in VIM_PRESETS:
-            raise ConfigError(f"{source}: model.preset={sections['model'].preset!r}; presets: {', '.join(VIM_PRESETS)}")
+        try:
+            sections["model"].check()
+        except ValueError as exc:
+            raise ConfigError(f"{source}: {exc}") from exc
+    values = {name: section.record() if hasattr(section, "record") else asdict(section)
+              for name, section in sections.items()}
+    del values["training"]["output_dir"]
     config = AblationConfig(ablation, values, source)
     config.target_sets()
     if ablation.path == "language" and "lily" in ablation.methods:  # refuse a leaking arm before any trains

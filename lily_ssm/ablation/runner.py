@@ -237,15 +237,15 @@ def _run_language(arm: Arm, sections: dict[str, Any], folder: Path, log: Any,
 def _run_vim(arm: Arm, sections: dict[str, Any], tasks: list[str], folder: Path,
              log: Any) -> tuple[float, dict[str, float], float]:
     from ..train.vtab import (
-        VimModelSection,
         VtabDataSection,
         VtabExperiment,
+        VtabModelSection,
         VtabTrainingSection,
         run_vtab_task,
     )
 
     experiment = VtabExperiment(
-        model=VimModelSection(**sections["model"]), adapter=arm.adapter, data=VtabDataSection(**sections["data"]),
+        model=VtabModelSection(**sections["model"]), adapter=arm.adapter, data=VtabDataSection(**sections["data"]),
         training=VtabTrainingSection(**{**sections["training"], "output_dir": str(folder)}), source=f"arm {arm.name}")
     per_task, seconds = {}, 0.0
     for task in tasks:

@@ -219,26 +219,35 @@ def _language_model(adapter: SavedAdapter, model: str | None, dtype: str | None,
     return lm, tokenizer, int(experiment["cutoff_len"]) if experiment else 256
 
 
-def _vim_model(adapter: SavedAdapter, task: str, log: Callable[[str], Any]) -> Any:
+def _vtab_model(adapter: SavedAdapter, task: str, log: Callable[[str], Any]) -> tuple[Any, Any]:
+    """The adapted VTAB backbone (Vim or ViT) a task folder's ``result.json`` names, and its image settings."""
     from ..persistence import load_adapter
-    from ..train.vtab import VimModelSection, VtabDataSection, VtabExperiment, VtabTrainingSection, build_model
+    from ..train.vtab import (
+        VtabDataSection,
+        VtabExperiment,
+        VtabModelSection,
+        VtabTrainingSection,
+        build_model,
+        image_settings,
+    )
 
     config = adapter.vtab["config"]
     try:
-        section = VimModelSection(**config["model"])
-    except TypeError as exc:
+        section = VtabModelSection(**config["model"])
+        section.check()
+    except (TypeError, ValueError) as exc:
         raise ValueError(f"{adapter.folder / RESULT_NAME}: config.model is not a VTAB model section: {exc}") from exc
     experiment = VtabExperiment(model=section, adapter=dict(config.get("adapter") or adapter.meta["config"]),
                                 data=VtabDataSection(root=""), training=VtabTrainingSection(output_dir=""))
     seed = (config.get("training") or {}).get("seed", VtabTrainingSection.seed)
     if not section.checkpoint:
-        log(f"  {adapter.name}: {RESULT_NAME} names no Vim checkpoint, so the base is a fresh random init (seed "
-            f"{seed}); the router weights are those of the adapter on that base")
+        log(f"  {adapter.name}: {RESULT_NAME} names no {section.kind} checkpoint, so the base is a fresh random init "
+            f"(seed {seed}); the router weights are those of the adapter on that base")
     with torch.random.fork_rng(devices=[]):  # leave the caller's random state alone
         torch.manual_seed(seed)
         model = build_model(experiment, task)
     load_adapter(model, adapter.folder)
-    return model
+    return model, image_settings(section, model)
 
 
 @torch.no_grad()
@@ -258,9 +267,10 @@ def record_mixes(adapter: SavedAdapter, data: str, model: str | None = None, lim
             raise FileNotFoundError(f"--data {data} has no {task}/test.txt; for the VTAB task folder "
                                     f"{adapter.folder} give the VTAB-1K root (with <task>/test.txt)")
         if model is not None:
-            log(f"  {adapter.name}: --model is not used for a VTAB task folder; its Vim is rebuilt from {RESULT_NAME}")
-        net = _vim_model(adapter, task, log)
-        dataset = VTabDataset(data, task, "test", image_size=net.config.img_size)
+            log(f"  {adapter.name}: --model is not used for a VTAB task folder; its backbone is rebuilt from "
+                f"{RESULT_NAME}")
+        net, images = _vtab_model(adapter, task, log)
+        dataset = VTabDataset(data, task, "test", image_size=images.size, mean=images.mean, std=images.std)
         loader = DataLoader(Subset(dataset, range(min(limit, len(dataset)))), batch_size=batch_size)
         batches = ((pixels,) for pixels, _ in loader)
         source = f"{data} ({task} test)"
@@ -437,7 +447,8 @@ def inspect_adapters(adapter_dirs: list[str | Path], out_dir: str | Path, data: 
         raise ValueError(f"rtol={rtol!r}; must be a number >= 0 (relative to the largest singular value)")
     if data is not None and not str(data).startswith("builtin:") and not Path(data).exists():
         raise FileNotFoundError(f"--data {data} does not exist; give {DATA_HELP}")
-    adapters = [read_saved_adapter(folder, name) for folder, name in zip(folders, _names(folders))]
+    labels = _names([Path(g) if Path(g).exists() else Path(g.replace("/", "--")) for g in given])
+    adapters = [read_saved_adapter(folder, name) for folder, name in zip(folders, labels)]
     out = Path(out_dir)
     prefix = len(adapters) > 1
     summary: dict[str, Any] = {"rtol": rtol, "threshold": threshold_text(rtol), "data": data, "limit": limit,

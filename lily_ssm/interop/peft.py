@@ -331,7 +331,10 @@ def _export_problems(model: nn.Module, groups: list[TargetGroup]) -> list[str]:
     for group in groups:
         slot = group.modules[0]
         leaf, mixer = slot.name.rsplit(".", 1)[-1], _parent_kind(model, slot.name)
-        if slot.part is not None:
+        if group.activation is not None:
+            problems.append(f"{group.key}: the adapter runs parallel to a whole block with a {group.activation} "
+                            "between A and B; PEFT adapts single layers")
+        elif slot.part is not None:
             problems.append(f"{group.key}: PEFT adapts whole modules, not a part of a projection's output")
         elif leaf == "dt_proj" and mixer in _DT_BYPASSING_MIXERS:
             problems.append(f"{group.key}: transformers' {mixer} computes Δ with dt_proj.weight directly, so PEFT "

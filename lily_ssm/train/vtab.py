@@ -1,4 +1,7 @@
-"""VTAB-1K fine-tuning of Vision Mamba with an adapter: train on ``train800val200``, report test accuracy.
+"""VTAB-1K fine-tuning with an adapter: train on ``train800val200``, report test accuracy.
+
+The backbone is the ``model`` section's ``kind``: ``vim`` (lily-ssm's Vision Mamba, the default) or
+``vit`` (a transformers ViT, the paper's ViT-B/16 comparison; :mod:`lily_ssm.models.vit`).
 
 A plain loop (AdamW, linear warmup then cosine decay, per step): small enough to read at once. The
 classifier head is new for every task and trains with the adapter (``modules_to_save``). After every
@@ -23,8 +26,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..data.vtab import GROUPS, NUM_CLASSES, TASKS, VTabDataset, group_means
+from ..data.vtab import GROUPS, IMAGENET_MEAN, IMAGENET_STD, NUM_CLASSES, TASKS, VTabDataset, group_means
 from ..models.vim import VIM_PRESETS, VimConfig, VimGeometry, VisionMamba, load_vim_checkpoint
+from ..models.vit import VIT_PRESETS, ImageSettings, build_vit, vit_image_settings
 from ..persistence import load_adapter, save_adapter
 from ..report import parameter_report
 from ..tuners import apply_adapter, config_from_dict
@@ -39,12 +43,63 @@ STATE_NAME = "train_state.json"
 OPTIMIZER_NAME = "optimizer.pt"
 
 
+MODEL_KINDS: dict[str, dict[str, Any]] = {
+    # kind -> its presets, default preset, classifier head (a module trained and saved with the adapter)
+    "vim": {"presets": VIM_PRESETS, "preset": "vim_small", "head": "head"},
+    "vit": {"presets": VIT_PRESETS, "preset": "vit_base_patch16_224", "head": "classifier"},
+}
+# Keys added after the first release, left out of a section's record at these values, so that vim run
+# folders and ablation arms recorded before them still resume.
+_LATER_KEYS = {"kind": "vim", "mean": None, "std": None}
+
+
 @dataclass
-class VimModelSection:
-    preset: str = "vim_small"
+class VtabModelSection:
+    """The backbone. ``kind``: ``vim`` or ``vit``. ``preset``: the architecture without a checkpoint (default
+    ``vim_small`` / ``vit_base_patch16_224``). ``checkpoint``: a Vim ``.pth``, or for ``vit`` an HF-format folder
+    or hub id. ``img_size``: Vim's (224 when unset); a ViT checkpoint's comes from its config. ``mean`` /
+    ``std``: the input normalisation (unset: ImageNet's for Vim, the checkpoint's preprocessor_config.json for
+    ViT). ``overrides``: ``VimConfig`` / ``ViTConfig`` fields, e.g. for a tiny model."""
+
+    kind: str = "vim"
+    preset: str | None = None
     checkpoint: str | None = None
-    img_size: int = 224
-    overrides: dict[str, Any] = field(default_factory=dict)  # VimConfig fields, e.g. for a tiny model
+    img_size: int | None = None
+    mean: Any = None
+    std: Any = None
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.kind in MODEL_KINDS and self.preset is None:
+            self.preset = MODEL_KINDS[self.kind]["preset"]
+        if self.kind == "vim" and self.img_size is None:
+            self.img_size = 224
+
+    def check(self) -> None:
+        """Raise ``ValueError`` (one line) on an unknown kind or preset, or a malformed mean / std."""
+        if self.kind not in MODEL_KINDS:
+            raise ValueError(f"model.kind={self.kind!r}; kinds: {', '.join(MODEL_KINDS)}")
+        presets = MODEL_KINDS[self.kind]["presets"]
+        if self.preset not in presets:
+            raise ValueError(f"model.preset={self.preset!r} for kind {self.kind}; presets: {', '.join(presets)}")
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, list) and len(value) == 3 and
+                                          all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
+                raise ValueError(f"model.{name}={value!r}; give three numbers (R, G, B), or leave it unset")
+        if self.std is not None and any(v <= 0 for v in self.std):
+            raise ValueError(f"model.std={self.std!r}; the values must be positive")
+        if (self.mean is None) != (self.std is None):
+            raise ValueError(f"model.mean={self.mean!r}, model.std={self.std!r}: give both or neither")
+
+    @property
+    def head(self) -> str:
+        """The name of the kind's classifier head."""
+        return MODEL_KINDS[self.kind]["head"]
+
+    def record(self) -> dict[str, Any]:
+        """The section as recorded in fingerprints, results and ablation specs (see ``_LATER_KEYS``)."""
+        return {k: v for k, v in asdict(self).items() if not (k in _LATER_KEYS and v == _LATER_KEYS[k])}
 
 
 @dataclass
@@ -68,7 +123,7 @@ class VtabTrainingSection:
 
 @dataclass
 class VtabExperiment:
-    model: VimModelSection
+    model: VtabModelSection
     adapter: dict[str, Any]
     data: VtabDataSection
     training: VtabTrainingSection
@@ -78,10 +133,12 @@ class VtabExperiment:
 def load_vtab_config(path: str | Path, overrides: list[str] | None = None) -> VtabExperiment:
     """Read a VTAB YAML config (sections model, adapter, data, training) with ``--set`` overrides."""
     source = str(path)
-    classes = {"model": VimModelSection, "data": VtabDataSection, "training": VtabTrainingSection}
+    classes = {"model": VtabModelSection, "data": VtabDataSection, "training": VtabTrainingSection}
     parsed, adapter = parse_sections(read_yaml(path, overrides, (*classes, "adapter")), classes, source)
-    if parsed["model"].preset not in VIM_PRESETS:
-        raise ConfigError(f"{source}: model.preset={parsed['model'].preset!r}; presets: {', '.join(VIM_PRESETS)}")
+    try:
+        parsed["model"].check()
+    except ValueError as exc:
+        raise ConfigError(f"{source}: {exc}") from exc
     experiment = VtabExperiment(adapter=adapter, source=source, **parsed)
     per_task = adapter.get("per_task") or {}
     if not isinstance(per_task, dict) or not all(isinstance(v, dict) for v in per_task.values()):
@@ -97,7 +154,8 @@ def load_vtab_config(path: str | Path, overrides: list[str] | None = None) -> Vt
 
 def task_adapter(experiment: VtabExperiment, task: str | None) -> dict[str, Any]:
     """The adapter settings ``task`` trains with: the adapter section, with its ``per_task`` entry for
-    the task merged over it (``overrides`` merged per target), and the classifier ``head`` saved."""
+    the task merged over it (``overrides`` merged per target), and the classifier head saved (Vim's
+    ``head``, ViT's ``classifier``)."""
     adapter = dict(experiment.adapter)
     extra = dict((adapter.pop("per_task", None) or {}).get(task) or {})
     overrides = {key: dict(values) for key, values in (adapter.get("overrides") or {}).items()}
@@ -106,7 +164,7 @@ def task_adapter(experiment: VtabExperiment, task: str | None) -> dict[str, Any]
     adapter.update(extra)
     if overrides:
         adapter["overrides"] = overrides
-    adapter["modules_to_save"] = sorted({*adapter.get("modules_to_save", []), "head"})
+    adapter["modules_to_save"] = sorted({*adapter.get("modules_to_save", []), experiment.model.head})
     return adapter
 
 
@@ -118,16 +176,21 @@ def _adapter_config(experiment: VtabExperiment, task: str | None = None):
         raise ConfigError(f"{experiment.source}: {where}: {exc}") from exc
 
 
-def build_model(experiment: VtabExperiment, task: str) -> VisionMamba:
-    """The Vim backbone (from a checkpoint when given) with a fresh head for ``task`` and the adapter."""
+def build_model(experiment: VtabExperiment, task: str) -> nn.Module:
+    """The backbone (from a checkpoint when given) with a fresh head for ``task`` and the adapter."""
     return apply_adapter(build_backbone(experiment.model, task), _adapter_config(experiment, task))
 
 
-def build_backbone(m: VimModelSection, task: str) -> VisionMamba:
-    """The Vim model of section ``m`` (from its checkpoint when given) with a fresh head for ``task``.
+def build_backbone(m: VtabModelSection, task: str, weights: bool = True) -> nn.Module:
+    """The backbone of section ``m`` (from its checkpoint when given) with a fresh head for ``task``.
 
-    A checkpoint's geometry is read off its tensors; ``img_size`` and ``overrides.stride`` (and
-    ``patch_size``) of the section are tried first, so a non-standard checkpoint loads when they are set."""
+    Vim: a checkpoint's geometry is read off its tensors; ``img_size`` and ``overrides.stride`` (and
+    ``patch_size``) of the section are tried first, so a non-standard checkpoint loads when they are set.
+    ViT: a ``ViTForImageClassification`` (:func:`lily_ssm.models.vit.build_vit`); ``weights=False`` reads
+    only its checkpoint's config (for planning)."""
+    m.check()
+    if m.kind == "vit":
+        return build_vit(NUM_CLASSES[task], m.checkpoint, m.preset, m.img_size, m.overrides, weights=weights)
     if m.checkpoint:
         preset = VIM_PRESETS[m.preset](img_size=m.img_size, **m.overrides)
         preferred = VimGeometry(preset.img_size, preset.patch_size, preset.stride)
@@ -138,6 +201,20 @@ def build_backbone(m: VimModelSection, task: str) -> VisionMamba:
         preset = VIM_PRESETS[m.preset](img_size=m.img_size, num_classes=NUM_CLASSES[task], **m.overrides)
         model = VisionMamba(preset)
     return model
+
+
+def image_settings(m: VtabModelSection, model: nn.Module) -> ImageSettings:
+    """The image size and normalisation ``model`` (built from section ``m``) is fed with."""
+    if m.kind == "vit":
+        return vit_image_settings(model, m.checkpoint, m.mean, m.std)
+    if m.mean is not None:
+        return ImageSettings(model.config.img_size, tuple(m.mean), tuple(m.std), "model.mean / model.std")
+    return ImageSettings(model.config.img_size, IMAGENET_MEAN, IMAGENET_STD, "ImageNet")
+
+
+def logits_of(output: Any) -> torch.Tensor:
+    """The class scores of a backbone's output (Vim returns them; transformers wraps them in ``.logits``)."""
+    return output.logits if hasattr(output, "logits") else output
 
 
 def _lr_lambda(warmup: int, total: int):
@@ -155,7 +232,7 @@ def accuracy(model: nn.Module, loader: DataLoader) -> float:
     model.eval()
     correct = total = 0
     for pixels, labels in loader:
-        correct += (model(pixels).argmax(-1) == labels).sum().item()
+        correct += (logits_of(model(pixels)).argmax(-1) == labels).sum().item()
         total += labels.numel()
     return correct / max(total, 1)
 
@@ -168,9 +245,10 @@ def run_vtab_task(experiment: VtabExperiment, task: str, log: Any = print) -> di
     out = Path(t.output_dir) / task
     torch.manual_seed(t.seed)
     model = build_model(experiment, task)
-    size = model.config.img_size
-    train = VTabDataset(d.root, task, "train800val200", image_size=size)
-    test = VTabDataset(d.root, task, "test", image_size=size)
+    images = image_settings(experiment.model, model)
+    log(f"{task}: {images.size} px images, mean {images.mean}, std {images.std} ({images.source})")
+    train = VTabDataset(d.root, task, "train800val200", image_size=images.size, mean=images.mean, std=images.std)
+    test = VTabDataset(d.root, task, "test", image_size=images.size, mean=images.mean, std=images.std)
     generator = torch.Generator().manual_seed(t.seed)
     train_loader = DataLoader(train, batch_size=d.batch_size, shuffle=True, num_workers=d.num_workers,
                               generator=generator)
@@ -187,7 +265,7 @@ def run_vtab_task(experiment: VtabExperiment, task: str, log: Any = print) -> di
 
 def vtab_fingerprint(experiment: VtabExperiment, task: str) -> dict[str, Any]:
     """``section.key -> value`` for the settings a task's result depends on."""
-    sections = {"model": asdict(experiment.model), "adapter": task_adapter(experiment, task),
+    sections = {"model": experiment.model.record(), "adapter": task_adapter(experiment, task),
                 "data": {"batch_size": experiment.data.batch_size}, "training": asdict(experiment.training)}
     skip = {"training.output_dir", "training.overwrite", "training.eval_every"}
     flat = {f"{name}.{key}": value for name, values in sections.items() for key, value in values.items()
@@ -240,7 +318,7 @@ def _train_task(experiment: VtabExperiment, task: str, model: nn.Module, optimiz
         start, losses = time.perf_counter(), []
         generator.manual_seed(t.seed + epoch)  # each epoch's order depends on the epoch only: resumable
         for pixels, labels in train_loader:
-            loss = nn.functional.cross_entropy(model(pixels), labels)
+            loss = nn.functional.cross_entropy(logits_of(model(pixels)), labels)
             loss.backward()
             step = (epoch - 1) * steps_per_epoch + len(losses) + 1
             if not all_finite([loss.detach(), *(p.grad for p in params)]):
@@ -271,7 +349,7 @@ def _train_task(experiment: VtabExperiment, task: str, model: nn.Module, optimiz
               "train_seconds": round(sum(h["seconds"] for h in state["history"]), 2),
               "adapter_parameters": report.adapter_total, "head_parameters": report.other_trainable,
               "history": state["history"],
-              "config": {"model": asdict(experiment.model), "adapter": task_adapter(experiment, task),
+              "config": {"model": experiment.model.record(), "adapter": task_adapter(experiment, task),
                          "training": asdict(experiment.training)}}
     write_atomic(out / "result.json", json.dumps(result, indent=1) + "\n")
     return result

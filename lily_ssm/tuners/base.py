@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .blocks import ACTIVATIONS
 from .routing import RoutingContext
 from .targets import TargetGroup, TargetModule
 
@@ -34,6 +35,11 @@ class AdapterPool(nn.Module, ABC):
     def __init__(self, group: TargetGroup) -> None:
         super().__init__()
         self.group = group
+
+    def activate(self, h: torch.Tensor) -> torch.Tensor:
+        """The group's nonlinearity between A and B on the rank-r activations ``h`` (a block target's, e.g.
+        ViT's ``mlp``: ReLU, as the published code); ``h`` unchanged for linear-layer targets."""
+        return h if self.group.activation is None else ACTIVATIONS[self.group.activation](h)
 
     @abstractmethod
     def delta(self, x: torch.Tensor, slot: TargetModule) -> torch.Tensor:

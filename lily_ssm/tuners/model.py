@@ -12,6 +12,7 @@ from torch import nn
 
 from ..modules.mamba_mixer import patch_mamba_mixers
 from .base import AdaptedLinear, AdapterConfig, AdapterPool
+from .blocks import attach_parallel, detach_parallel
 from .liveness import LivenessCheck, install_liveness_check
 from .routing import RoutingContext, install_routing_hooks, is_causal_lm, remove_routing_hooks
 from .targets import TargetGroup, find_targets
@@ -139,8 +140,8 @@ def get_adapter_state(model: nn.Module) -> AdapterState:
 def _pool_dtype_device(module: nn.Module) -> tuple[torch.dtype, torch.device]:
     """Adapter weights live beside the module's weight; half-precision bases get fp32 adapters so small
     optimizer steps are not rounded away. A module offloaded by accelerate (weight on ``meta``) runs on
-    its hook's execution device."""
-    weight = module.weight
+    its hook's execution device. A block target's adapter lives beside the block's first parameter."""
+    weight = module.weight if isinstance(module, nn.Linear) else next(module.parameters())
     dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
     device = weight.device
     hook = getattr(module, "_hf_hook", None)
@@ -194,7 +195,11 @@ def apply_adapter(model: nn.Module, config: AdapterConfig) -> nn.Module:
     patch_mamba_mixers(model)
     for group in groups:
         for slot in group.modules:
-            AdaptedLinear.wrap(model.get_submodule(slot.name), pools[group.key], slot)
+            module = model.get_submodule(slot.name)
+            if isinstance(module, nn.Linear):
+                AdaptedLinear.wrap(module, pools[group.key], slot)
+            else:  # a block target (ViT's mlp): the adapter runs parallel to the whole block
+                attach_parallel(module, pools[group.key], slot)
 
     state = AdapterState(config, groups, pools, context, base_model)
     state.saved = saved
@@ -210,7 +215,11 @@ def apply_adapter(model: nn.Module, config: AdapterConfig) -> nn.Module:
 
 def _remove_adapter(model: nn.Module, state: AdapterState) -> None:
     for name in {slot.name for group in state.groups.values() for slot in group.modules}:
-        model.get_submodule(name).unwrap()
+        module = model.get_submodule(name)
+        if isinstance(module, AdaptedLinear):
+            module.unwrap()
+        else:
+            detach_parallel(module)
     remove_routing_hooks(model, state.hook_handles)
     delattr(model, ADAPTER_ATTR)
 
@@ -246,6 +255,10 @@ def merge_adapter(model: nn.Module) -> nn.Module:
     are computed from each input, so no single ΔW reproduces it.
     """
     state = get_adapter_state(model)
+    parallel = [key for key, group in state.groups.items() if group.activation is not None]
+    if parallel:
+        raise ValueError(f"the adapter on {', '.join(parallel)} runs parallel to a whole block with a nonlinearity "
+                         "between A and B, so no weight update reproduces it; keep the adapter attached")
     if state.config.method == "lily":
         raise ValueError(
             "Lily adapters cannot be merged into the base weights: each layer's update A_g·(Σ_i S_i·B_i) mixes "

@@ -7,6 +7,10 @@ path, which decides which locally shared A expert each layer uses.
 A target may also name a *part* of a Mamba projection's output: ``in_proj.x`` / ``in_proj.z`` (the
 SSM input and the gate halves) and ``x_proj.dt`` / ``x_proj.B`` / ``x_proj.C`` (the Δ, B and C
 slices). The adapter then adds to those output features only.
+
+Or it may name a whole *block* an adapter runs parallel to (ViT's ``mlp``; see :mod:`.blocks`): the
+adapter reads the block's input and adds to its output, with the block kind's nonlinearity between A
+and B (the group's ``activation``).
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ import re
 from dataclasses import dataclass
 
 from torch import nn
+
+from .blocks import BLOCKS_HELP, block_kind, block_widths
 
 _PLAIN_NAME = re.compile(r"^[A-Za-z_][\w.]*$")
 
@@ -46,6 +52,7 @@ class TargetGroup:
     num_layers: int  # L: number of distinct layers of this type
     in_features: int
     out_features: int
+    activation: str | None = None  # between A and B: a block target's (blocks.ACTIVATIONS), else none
 
 
 def layer_index_from_path(name: str) -> int | None:
@@ -140,13 +147,22 @@ def linear_layer_names(model: nn.Module) -> list[str]:
     return sorted(names)
 
 
+def _targetable(model: nn.Module) -> str:
+    """What ``model`` offers to target, for error messages: its linear layers and any blocks."""
+    blocks = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if n and block_kind(m) is not None})
+    text = f"Linear layers that exist: {', '.join(linear_layer_names(model))}"
+    return text + (f"; blocks an adapter can run parallel to: {', '.join(blocks)}" if blocks else "")
+
+
 def find_targets(model: nn.Module, targets: str | list[str] | tuple[str, ...]) -> list[TargetGroup]:
     """Match ``targets`` against ``model`` and group the matches into target types.
 
     ``targets`` is a list of module-name suffixes (matched at a ``.`` boundary), or a single string:
     a plain name is a suffix, anything else a regex that must match the full module path. A suffix
     target may name a part of a Mamba projection (``in_proj.x``, ``x_proj.dt``; see :data:`PARTS`). A
-    target that matches nothing, or matches a module that is not ``nn.Linear``, raises ``ValueError``.
+    target may also name a block an adapter runs parallel to (a module whose class is in
+    :data:`.blocks.BLOCKS`, e.g. ViT's ``mlp``). A target that matches nothing, or matches a module that
+    is neither ``nn.Linear`` nor such a block, raises ``ValueError``.
     """
     spec = _normalise_targets(targets)
     named = [(n, m) for n, m in model.named_modules() if n]
@@ -159,7 +175,8 @@ def find_targets(model: nn.Module, targets: str | list[str] | tuple[str, ...]) -
         if not matches:
             raise ValueError(
                 f"targets regex {spec.pattern!r} matches no nn.Linear of {type(model).__name__}. "
-                f"Linear layers that exist: {', '.join(linear_layer_names(model))}"
+                f"Linear layers that exist: {', '.join(linear_layer_names(model))} (a regex targets linear layers "
+                "only; name a block such as mlp in a list)"
             )
     else:
         for target in spec:
@@ -174,14 +191,18 @@ def find_targets(model: nn.Module, targets: str | list[str] | tuple[str, ...]) -
                                  f"by {matches[(name, part)][0]!r}; target either the module or its parts")
 
     for (name, _), (_, module) in matches.items():
-        if type(module) is not nn.Linear:
+        if type(module) is not nn.Linear and block_kind(module) is None:
             raise ValueError(
-                f"target module {name!r} is a {type(module).__name__}, but adapters can only be injected into "
-                f"nn.Linear layers. Linear layers that exist: {', '.join(linear_layer_names(model))}"
+                f"target module {name!r} is a {type(module).__name__}, but adapters go into nn.Linear layers or "
+                f"run parallel to a whole {BLOCKS_HELP}. {_targetable(model)}"
             )
 
     slots: list[_Slot] = []
     for (name, part), (key, module) in matches.items():
+        kind = block_kind(module) if type(module) is not nn.Linear else None
+        if kind is not None:
+            slots.append(_Slot(key, name, None, None, *block_widths(module, kind), kind.activation))
+            continue
         out_slice = output_parts(model, name, module)[part] if part is not None else None
         out = module.out_features if out_slice is None else out_slice[1] - out_slice[0]
         slots.append(_Slot(key, name, part, out_slice, module.in_features, out))
@@ -192,6 +213,8 @@ def find_targets(model: nn.Module, targets: str | list[str] | tuple[str, ...]) -
         by_key.setdefault(slot.key, []).append(slot)
     groups: list[TargetGroup] = []
     for key, members in by_key.items():
+        if len({m.activation is None for m in members}) > 1:
+            raise ValueError(f"target {key!r} matches both nn.Linear layers and blocks; name one kind per target")
         shapes = sorted({(m.in_features, m.out_features) for m in members})
         for shape in shapes:
             subset = [m for m in members if (m.in_features, m.out_features) == shape]
@@ -208,6 +231,7 @@ class _Slot:
     out_slice: tuple[int, int] | None
     in_features: int
     out_features: int
+    activation: str | None = None
 
 
 def _match_suffix(model: nn.Module, named: list[tuple[str, nn.Module]],
@@ -220,9 +244,8 @@ def _match_suffix(model: nn.Module, named: list[tuple[str, nn.Module]],
     base_hits = [(n, m) for n, m in named if base and _suffix_match(n, base)]
     if not base_hits:
         raise ValueError(
-            f"target {target!r} matches no module of {type(model).__name__}. "
-            f"Linear layers that exist: {', '.join(linear_layer_names(model))}; parts that can be targeted: "
-            f"{_PARTS_HELP}"
+            f"target {target!r} matches no module of {type(model).__name__}. {_targetable(model)}; parts that "
+            f"can be targeted: {_PARTS_HELP}; blocks: {BLOCKS_HELP}"
         )
     found = []
     for name, module in base_hits:
@@ -248,7 +271,8 @@ def _make_group(key: str, members: list[_Slot]) -> TargetGroup:
         TargetModule(m.name, i, p, m.in_features, m.out_features, m.part, m.out_slice)
         for m, i, p in sorted(zip(members, indices, positions), key=lambda t: (t[2], t[0].name))
     )
-    return TargetGroup(key, modules, num_layers, members[0].in_features, members[0].out_features)
+    return TargetGroup(key, modules, num_layers, members[0].in_features, members[0].out_features,
+                       members[0].activation)
 
 
 def a_group(position: int, num_layers: int, num_a: int, stride: int | None = None) -> int:

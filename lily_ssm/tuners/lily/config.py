@@ -24,7 +24,9 @@ class LilyConfig(AdapterConfig):
     """Lily: locally shared A experts, globally shared B experts, data-dependent routers.
 
     Args:
-        targets: module-name suffixes (``["in_proj", "dt_proj"]``) or one regex over full paths.
+        targets: module-name suffixes (``["in_proj", "dt_proj"]``) or one regex over full paths. A suffix
+            may name a block the adapter runs parallel to (ViT's ``mlp``: input the MLP's input, output
+            added to the MLP's output, ReLU between A and B as in the published ViT code).
         r: rank of each A / B expert.
         num_A: A experts per target type; layer ℓ of L uses ``floor(ℓ·num_A/L)``. ``num_A = L``
             gives one A per layer.

@@ -57,6 +57,7 @@ class LilyPool(AdapterPool):
             h = self.dropout(down_project(seq, A, nn.Identity()))  # (N, T, r)
         else:
             h = down_project(seq, A, self.dropout)
+        h = self.activate(h)  # a block target's nonlinearity: the router and B read relu(x A) (published ViT code)
         scaled = h * self.scaling  # scaling in rank space: r values per token, not out
         if self.router is None:
             out = scaled @ self.B[0]

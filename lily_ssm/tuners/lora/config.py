@@ -17,7 +17,8 @@ class LoraConfig(AdapterConfig):
     """LoRA (Hu et al., 2021) on the same targets and machinery as Lily: ``y = Wx + (alpha/r)·B A x``.
 
     ``overrides`` may set ``r`` and ``alpha`` per target type; ``modules_to_save`` lists modules trained
-    in full and saved with the adapter (e.g. a classifier head).
+    in full and saved with the adapter (e.g. a classifier head). On a block target (ViT's ``mlp``) the
+    update ``(alpha/r)·relu(x A) B`` runs parallel to the block, as Lily's does there; it cannot be merged.
     """
 
     method: ClassVar[str] = "lora"

@@ -28,8 +28,12 @@ class LoraPool(AdapterPool):
 
     def delta(self, x: torch.Tensor, slot: TargetModule) -> torch.Tensor:
         i = self.index[slot.key]
-        return (down_project(x, self.A[i], self.dropout) * self.scaling) @ self.B[i]  # scaled in rank space
+        h = self.activate(down_project(x, self.A[i], self.dropout))
+        return (h * self.scaling) @ self.B[i]  # scaled in rank space
 
     def delta_weight(self, slot: TargetModule) -> torch.Tensor:
+        if self.group.activation is not None:
+            raise TypeError(f"LoRA on {self.group.key} has a {self.group.activation} between A and B (it runs parallel "
+                            "to a whole block), so no weight update reproduces it")
         i = self.index[slot.key]
         return (self.A[i] @ self.B[i]).T * self.scaling
