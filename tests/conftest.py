@@ -107,6 +107,16 @@ def randomise_adapter(model: torch.nn.Module, std: float = 0.2, seed: int = 1) -
             param.copy_(torch.randn(param.shape, generator=gen) * std)
 
 
+def assert_moves_logits(model: torch.nn.Module, base: torch.nn.Module, ids: torch.Tensor, floor: float,
+                        what: str = "") -> None:
+    """The adapted ``model`` moves ``base``'s logits on ``ids`` by more than ``floor``, in eval and train mode."""
+    for train in (False, True):
+        base.train(train), model.train(train)
+        with torch.no_grad():
+            change = (model(ids).logits - base(ids).logits).abs().max()
+        assert change > floor, f"{what} (train={train}) changed the logits by {change}"
+
+
 def language_assets(root, train_per_task: int = 12, test_per_task: int = 3) -> dict:
     """A briefly pre-trained tiny base (word tokenizer) and generated commonsense data under ``root``."""
     from lily_ssm.data.synthetic import write_synthetic_commonsense

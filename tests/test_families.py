@@ -8,7 +8,7 @@ import copy
 
 import pytest
 import torch
-from conftest import FAMILIES, randomise_adapter, tiny_family
+from conftest import FAMILIES, assert_moves_logits, randomise_adapter, tiny_family
 
 import lily_ssm
 from lily_ssm.modules import patch_mamba_mixers
@@ -80,12 +80,8 @@ def test_adapters_start_at_the_base_and_each_target_changes_the_logits(kind):
     for target in TARGETS[kind]:
         model = lily_ssm.apply_adapter(copy.deepcopy(base), _lily([target]))
         randomise_adapter(model, std=1.0)
-        for train in (False, True):
-            base.train(train), model.train(train)
-            with torch.no_grad():
-                change = (model(IDS).logits - base(IDS).logits).abs().max()
-            # (Falcon-H1's μP multipliers scale B and C down: its in_proj.B moves logits by ~1e-6 only)
-            assert change > 1e-7, f"{target} (train={train}) changed the logits by {change}"
+        # (Falcon-H1's μP multipliers scale B and C down: its in_proj.B moves logits by ~1e-6 only)
+        assert_moves_logits(model, base, IDS, 1e-7, target)
 
 
 @pytest.mark.parametrize("kind", FAMILIES)

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import MAMBA_TARGETS, randomise_adapter, tiny_mamba
+from conftest import MAMBA_TARGETS, assert_moves_logits, randomise_adapter, tiny_mamba
 
 import lily_ssm
 from lily_ssm.modules import patch_mamba_mixers
@@ -53,12 +53,8 @@ def test_each_target_changes_logits_and_gets_gradients(mamba_kind, targets, make
     patch_mamba_mixers(base)  # bit-identical to the adapted model with zero adapters
     model = lily_ssm.apply_adapter(copy.deepcopy(base), make_config(targets))
     randomise_adapter(model, std=1.0)
-    for train in (False, True):
-        base.train(train), model.train(train)
-        with torch.no_grad():
-            change = (model(IDS).logits - base(IDS).logits).abs().max()
-        # (stock Mamba's x_proj yields tiny time steps, so a Δ adapter moves logits by ~1e-5 only)
-        assert change > 1e-6, f"train={train}: adapter changed logits by {change}"
+    # (stock Mamba's x_proj yields tiny time steps, so a Δ adapter moves logits by ~1e-5 only)
+    assert_moves_logits(model, base, IDS, 1e-6, "+".join(targets))
     model.train()
     randomise_adapter(model, std=0.3)  # at std 1 some routers saturate: their gradient underflows to 0
     model(IDS, labels=IDS).loss.backward()

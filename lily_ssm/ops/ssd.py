@@ -39,6 +39,13 @@ def _per_head(t: torch.Tensor, heads: int) -> torch.Tensor:
     return t.repeat_interleave(heads // t.shape[-2], dim=-2)
 
 
+def _skip_and_gate(y: torch.Tensor, x: torch.Tensor, D: torch.Tensor | None, z: torch.Tensor | None) -> torch.Tensor:
+    """The scan output with the skip ``x·D`` (``D`` per head, or per head and channel) and the ``silu(z)`` gate."""
+    if D is not None:
+        y = y + x * (D.float()[:, None] if D.dim() == 1 else D.float())
+    return y if z is None else y * F.silu(z.float())
+
+
 def ssd_scan_ref(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
                  chunk_size: int = 0, D: torch.Tensor | None = None, z: torch.Tensor | None = None,
                  dt_bias: torch.Tensor | None = None, initial_states: torch.Tensor | None = None,
@@ -56,10 +63,7 @@ def ssd_scan_ref(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Te
         state = decay * state + (dt[:, t, :, None] * x_f[:, t])[..., None] * B_h[:, t, :, None, :]
         outputs.append((state * C_h[:, t, :, None, :]).sum(-1))
     y = torch.stack(outputs, dim=1) if outputs else x_f.new_zeros(b, 0, h, p)
-    if D is not None:
-        y = y + x_f * (D.float()[:, None] if D.dim() == 1 else D.float())
-    if z is not None:
-        y = y * F.silu(z.float())
+    y = _skip_and_gate(y, x_f, D, z)
     return (y, state) if return_final_states else y
 
 
@@ -124,10 +128,7 @@ def ssd_chunk_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.
     y = y + off.reshape(b, c, g, q, per, p).permute(0, 1, 2, 4, 3, 5) * from_start[..., None]
 
     y = y.permute(0, 1, 4, 2, 3, 5).reshape(b, c * q, h, p)[:, :length]
-    if D is not None:
-        y = y + x_f * (D.float()[:, None] if D.dim() == 1 else D.float())
-    if z is not None:
-        y = y * F.silu(z.float())
+    y = _skip_and_gate(y, x_f, D, z)
     return (y, state.reshape(b, h, p, n)) if return_final_states else y
 
 
@@ -160,10 +161,7 @@ def ssd_state_update_ref(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor,
     new = torch.exp(dt[..., None] * A.float()) * state.float() + (dt * x.float())[..., None] * B_h[:, :, None, :]
     state.copy_(new.to(state.dtype))
     y = (new * C_h[:, :, None, :]).sum(-1)
-    if D is not None:
-        y = y + x.float() * D.float()
-    if z is not None:
-        y = y * F.silu(z.float())
+    y = _skip_and_gate(y, x.float(), D, z)
     return y.to(x.dtype)
 
 
