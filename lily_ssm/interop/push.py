@@ -12,7 +12,7 @@ from torch import nn
 
 from ..persistence import read_adapter, save_adapter
 from ..train.config import read_experiment_record
-from .hub import ADAPTER_FILES, HubError, hub_offline, hub_reason, is_hub_id
+from .hub import ADAPTER_FILES, HubError, hub_offline, hub_reason, is_hub_id, resolve_adapter
 
 
 def model_card(folder: str | os.PathLike, repo_id: str) -> str:
@@ -112,7 +112,7 @@ def push_adapter(model_or_folder: nn.Module | str | os.PathLike, repo_id: str, *
         if isinstance(model_or_folder, nn.Module):
             save_adapter(model_or_folder, staging)
         else:
-            source = Path(model_or_folder)
+            source = resolve_adapter(model_or_folder)  # a folder here, or another Hub adapter's snapshot
             read_adapter(source)  # a damaged or foreign folder is refused before anything is uploaded
             for name in ADAPTER_FILES:
                 if (source / name).is_file() and name != "README.md":
