@@ -1,14 +1,34 @@
-"""lily-ssm: Lily (Low-Rank Interconnected Adaptation across Layers) for Mamba / SSMs, and a LoRA baseline."""
+"""lily-ssm: Lily (Low-Rank Interconnected Adaptation across Layers) for Mamba / SSMs, and a LoRA baseline.
 
-from .interop.push import push_adapter
-from .persistence import AdapterLoadError, convert_adapter, load_adapter, save_adapter
-from .report import ParameterReport, parameter_report
-from .tuners import LilyConfig, LoraConfig, apply_adapter, merge_adapter
-from .tuners.liveness import DeadAdapterError
+The public API is loaded on first use, so ``import lily_ssm.ops`` (or any lower layer) imports that layer
+alone (docs/design.md §7).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "AdapterLoadError", "DeadAdapterError", "LilyConfig", "LoraConfig", "ParameterReport", "apply_adapter",
-    "convert_adapter", "load_adapter", "merge_adapter", "parameter_report", "push_adapter", "save_adapter",
-]
+_API = {
+    "AdapterLoadError": "lily_ssm.persistence", "DeadAdapterError": "lily_ssm.tuners.liveness",
+    "LilyConfig": "lily_ssm.tuners", "LoraConfig": "lily_ssm.tuners", "ParameterReport": "lily_ssm.tuners.report",
+    "apply_adapter": "lily_ssm.tuners", "convert_adapter": "lily_ssm.interop.convert",
+    "load_adapter": "lily_ssm.persistence", "merge_adapter": "lily_ssm.tuners",
+    "parameter_report": "lily_ssm.tuners.report", "push_adapter": "lily_ssm.interop.push",
+    "save_adapter": "lily_ssm.persistence",
+}
+__all__ = sorted(_API)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _API:
+        raise AttributeError(f"module 'lily_ssm' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_API[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_API])

@@ -18,8 +18,10 @@ def _quickstart(args: argparse.Namespace) -> int:
 
 
 def _vtab(args: argparse.Namespace) -> int:
+    from .config.vtab import load_vtab_config
     from .data.vtab import TASKS
-    from .train.vtab import load_vtab_config, run_vtab_task, summarize
+    from .evaluation.vtab import summarize
+    from .train.vtab import run_vtab_task
 
     experiment = load_vtab_config(args.config, args.set)
     tasks = list(TASKS) if args.task == "all" else [t.strip() for t in args.task.split(",") if t.strip()]
@@ -33,7 +35,7 @@ def _vtab(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .train.config import load_config
+    from .config.experiment import load_config
     from .train.trainer import run_training
 
     config = load_config(args.config, args.set)
@@ -60,23 +62,24 @@ def _ablate(args: argparse.Namespace) -> int:
 
 
 def _eval_commonsense(args: argparse.Namespace) -> int:
+    from .config.record import read_record
     from .data.prompts import resolve_tasks
     from .evaluation.commonsense import evaluate_commonsense, markdown_table, task_test_file
     from .models.loading import load_model_and_tokenizer
     from .persistence import check_adapter_folder, load_adapter
-    from .train.config import read_experiment_record, recorded_protocol
 
     for task in resolve_tasks(args.tasks):  # bad task names or missing files fail before the model loads
         task_test_file(args.data_root, task)
     # a missing, damaged or unreachable adapter fails before the model loads, too
     adapter = check_adapter_folder(args.adapter, args.adapter_revision) if args.adapter else None
-    record = read_experiment_record(adapter) if adapter else None
-    trained = recorded_protocol(record[1]) if record else None
+    record = read_record(adapter) if adapter else None
+    trained = record.protocol if record else None
     protocol = args.protocol or trained or "paper"
     if trained and protocol != trained:
-        print(f"warning: the adapter was trained with protocol {trained!r} ({record[0]}), evaluating with "
+        print(f"warning: the adapter was trained with protocol {trained!r} ({record.source}), evaluating with "
               f"{protocol!r}: the prompts differ from the ones it was tuned on", file=sys.stderr)
-    print(f"protocol {protocol}" + (f" (the adapter's, from {record[0]})" if record and not args.protocol else ""))
+    print(f"protocol {protocol}" + (f" (the adapter's, from {record.source})" if trained and not args.protocol
+                                    else ""))
     model, tokenizer = load_model_and_tokenizer(args.model, args.dtype, args.device_map)
     if adapter:
         load_adapter(model, adapter)
@@ -104,7 +107,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from .persistence import convert_adapter
+    from .interop.convert import convert_adapter
 
     to = "lily" if args.from_peft else "peft"
     out = convert_adapter(args.source, args.destination, to=to, model=args.model)

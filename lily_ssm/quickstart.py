@@ -16,12 +16,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .analysis.routing import plot_router_weights, record_router_weights, router_matrix
+from .analysis.figures import plot_router_weights
+from .analysis.routing import record_router_weights, router_matrix
+from .config.experiment import parse_config
 from .data.commonsense import BUILTIN_SIZES
 from .data.synthetic import write_synthetic_commonsense
 from .evaluation.commonsense import evaluate_commonsense, markdown_table
 from .models.loading import BUILTIN_PREFIX, load_model_and_tokenizer
-from .train.config import parse_config
 from .train.trainer import run_training
 from .utils.atomic import write_atomic
 

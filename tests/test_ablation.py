@@ -12,7 +12,7 @@ from conftest import language_assets
 from lily_ssm.ablation import load_ablation, parse_ablation, plan_arms, run_ablation
 from lily_ssm.cli import main as cli
 from lily_ssm.data.vtab import write_fake_vtab
-from lily_ssm.train.config import ConfigError
+from lily_ssm.utils.sections import ConfigError
 
 
 @pytest.fixture(scope="module")

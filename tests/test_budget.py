@@ -10,8 +10,8 @@ from test_vim import tiny_vim
 
 import lily_ssm
 from lily_ssm.ablation.config import TARGET_SETS
-from lily_ssm.report import parameter_report
 from lily_ssm.tuners.budget import BudgetError, count_parameters, match_budget
+from lily_ssm.tuners.report import parameter_report
 from lily_ssm.tuners.targets import find_targets
 
 TEMPLATES = {"lily": {"method": "lily", "num_A": 2, "num_B": 3, "routing": "causal"},

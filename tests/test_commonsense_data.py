@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from lily_ssm.config.experiment import load_config
 from lily_ssm.data.commonsense import DataError, read_rows, tokenize_row
 from lily_ssm.data.prompts import (
     TASKS,
@@ -16,7 +17,7 @@ from lily_ssm.data.prompts import (
     response_text,
     training_prompt,
 )
-from lily_ssm.train.config import ConfigError, load_config
+from lily_ssm.utils.sections import ConfigError
 
 CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
 

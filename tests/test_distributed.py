@@ -15,7 +15,7 @@ import yaml
 from conftest import language_assets
 from safetensors.torch import load_file
 
-from lily_ssm.train.config import parse_config
+from lily_ssm.config.experiment import parse_config
 from lily_ssm.train.trainer import run_training
 
 # Run as the torchrun entry point: record every file a rank opens for writing or renames into the run

@@ -10,10 +10,10 @@ from conftest import language_assets, randomise_adapter
 
 import lily_ssm
 from lily_ssm.cli import main as cli
+from lily_ssm.config.experiment import parse_config
 from lily_ssm.evaluation.commonsense import evaluate_commonsense
 from lily_ssm.models.loading import load_model_and_tokenizer
 from lily_ssm.quickstart import run_quickstart
-from lily_ssm.train.config import parse_config
 from lily_ssm.train.trainer import LOG_NAME, run_training, training_seconds
 
 
@@ -174,8 +174,8 @@ def test_quickstart_reduced_runs_end_to_end(tmp_path):
 
 
 def test_effective_batch_must_divide_across_processes(assets, tmp_path):
-    from lily_ssm.train.config import ConfigError
     from lily_ssm.train.trainer import accumulation_steps
+    from lily_ssm.utils.sections import ConfigError
 
     config = parse_config(experiment(assets, tmp_path / "run", batch_size=16, micro_batch_size=4))
     assert accumulation_steps(config, world=2) == 2

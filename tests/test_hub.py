@@ -17,7 +17,7 @@ from huggingface_hub.errors import LocalEntryNotFoundError
 import lily_ssm
 from lily_ssm.cli import main
 from lily_ssm.interop import push as push_module
-from lily_ssm.interop.hub import HubError, resolve_adapter
+from lily_ssm.persistence.hub import HubError, resolve_adapter
 
 CONFIG = lily_ssm.LoraConfig(["in_proj", "x_proj"], r=2, alpha=4)
 MAIN, V1 = "a" * 40, "b" * 40

@@ -131,7 +131,7 @@ def test_per_sample_ranks_differ_from_the_uniform_mix():
     mixes = recorder.samples[slot.key]
     assert mixes.shape == (5, 2) and (mixes - 0.5).abs().min() > 1e-2
     torch.testing.assert_close(mixes.sum(-1), torch.ones(5))
-    per_sample = lily_sample_ranks(pool.A[0], pool.B, mixes, pool.scaling)
+    per_sample = lily_sample_ranks(pool.A[0], pool.B, mixes, pool.config.scaling)
     assert per_sample.tolist() == [4] * 5 and lily_sample_ranks(pool.A[0], pool.B).tolist() == [1]
 
 
@@ -205,11 +205,11 @@ def test_without_data_no_model_is_loaded(saved, tmp_path, monkeypatch):
 
 
 def test_vtab_task_folder(tmp_path):
+    from lily_ssm.config.vtab import load_vtab_config
     from lily_ssm.data.vtab import write_fake_vtab
-    from lily_ssm.train.vtab import build_model, load_vtab_config
     write_fake_vtab(tmp_path / "vtab", "eurosat", classes=2, per_class=1, image_size=32, per_class_test=2)
     experiment = load_vtab_config(TINY_VIM, [f"data.root={tmp_path / 'vtab'}", f"training.output_dir={tmp_path}"])
-    model = build_model(experiment, "eurosat")
+    model = experiment.build_model("eurosat")
     randomise_adapter(model)
     folder = lily_ssm.save_adapter(model, tmp_path / "eurosat")
     result = {"task": "eurosat", "config": {"model": asdict(experiment.model), "adapter": experiment.adapter}}

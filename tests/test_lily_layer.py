@@ -115,7 +115,7 @@ def test_per_target_overrides():
     pools = model.lily_ssm_adapter.pools
     assert tuple(pools["in_proj"].A.shape) == (2, 16, 4) and tuple(pools["in_proj"].B.shape) == (3, 4, 64)
     assert tuple(pools["dt_proj"].A.shape) == (4, 4, 2) and tuple(pools["dt_proj"].B.shape) == (1, 2, 32)
-    assert pools["dt_proj"].scaling == 0.5 and pools["in_proj"].scaling == 1.0
+    assert pools["dt_proj"].config.scaling == 0.5 and pools["in_proj"].config.scaling == 1.0
 
 
 def test_bad_overrides_are_named():

@@ -10,7 +10,7 @@ import pytest
 
 from lily_ssm.analysis.memory import GIB, plan_training_memory
 from lily_ssm.cli import main as cli
-from lily_ssm.train.config import load_config
+from lily_ssm.config.experiment import load_config
 
 SEVEN_B = sorted((Path(__file__).resolve().parents[1] / "configs" / "falcon-mamba-7b").glob("*.yaml"))
 

@@ -11,8 +11,8 @@ import torch
 from test_merge_and_report import falcon_mamba_7b_meta
 
 import lily_ssm
-from lily_ssm.train.config import load_config
-from lily_ssm.train.vtab import build_model, load_vtab_config
+from lily_ssm.config.experiment import load_config
+from lily_ssm.config.vtab import load_vtab_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 PAPER_CONFIGS = sorted((CONFIGS / "falcon-mamba-7b").glob("*.yaml")) + [
@@ -27,7 +27,7 @@ def _count(path: Path, per_task: dict | None = None) -> int:
         if per_task is not None:
             experiment.adapter["per_task"] = per_task
         with torch.device("meta"):
-            model = build_model(experiment, "cifar")
+            model = experiment.build_model("cifar")
     else:
         model = lily_ssm.apply_adapter(falcon_mamba_7b_meta(), load_config(path).adapter_config())
     return lily_ssm.parameter_report(model).adapter_total
@@ -62,7 +62,7 @@ def test_vim_per_task_expert_counts():
 
 
 def test_vim_per_task_settings_are_checked_when_the_config_loads():
-    from lily_ssm.train.config import ConfigError
+    from lily_ssm.utils.sections import ConfigError
 
     path = CONFIGS / "vim" / "lily_s.yaml"
     with pytest.raises(ConfigError, match="adapter.per_task has unknown task\\(s\\) mnist; tasks: caltech101"):
@@ -70,7 +70,6 @@ def test_vim_per_task_settings_are_checked_when_the_config_loads():
     with pytest.raises(ConfigError, match="adapter \\(task dtd\\): num_B=0"):
         load_vtab_config(path, ["adapter.per_task={dtd: {num_B: 0}}"])
     merged = load_vtab_config(path, ["adapter.per_task={dtd: {overrides: {dt_proj: {r: 2}}}}"])
-    from lily_ssm.train.vtab import task_adapter
 
-    overrides = task_adapter(merged, "dtd")["overrides"]
+    overrides = merged.task_adapter("dtd")["overrides"]
     assert overrides["dt_proj"] == {"r": 2, "num_B": 1, "dropout": 0.0} and overrides["dt_proj_b"]["r"] == 4

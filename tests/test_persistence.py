@@ -95,9 +95,9 @@ def test_lily_round_trip_restores_config_and_tensors(tmp_path):
     assert state.config.to_dict() == config.to_dict()
     assert state.config.overrides == {"dt_proj": {"r": 2, "num_B": 1}, "out_proj": {"num_A": 3}}
     # Per-target overrides took effect in the rebuilt pools.
-    assert state.pools["dt_proj"].r == 2 and state.pools["dt_proj"].num_b == 1
+    assert state.pools["dt_proj"].config.r == 2 and state.pools["dt_proj"].config.num_B == 1
     assert state.pools["dt_proj"].router is None
-    assert state.pools["out_proj"].num_a == 3
+    assert state.pools["out_proj"].config.num_A == 3
     saved = get_adapter_state(model).tensors()
     restored = state.tensors()
     assert set(saved) == set(restored)
@@ -120,7 +120,7 @@ def test_lora_round_trip_identical_logits(tmp_path, kind):
     loaded = lily_ssm.load_adapter(tiny_mamba(kind, seed=0), tmp_path)
     assert torch.equal(logits(loaded, ids), expected)
     assert get_adapter_state(loaded).config == config
-    assert get_adapter_state(loaded).pools["x_proj"].r == 2
+    assert get_adapter_state(loaded).pools["x_proj"].config.r == 2
 
 
 def test_regex_targets_round_trip(tmp_path):

@@ -13,10 +13,10 @@ from conftest import byte_level_falcon, language_assets
 
 import lily_ssm
 from lily_ssm.cli import main as cli
+from lily_ssm.config.experiment import parse_config
 from lily_ssm.data.prompts import evaluation_prompt
 from lily_ssm.data.synthetic import write_synthetic_commonsense
 from lily_ssm.evaluation.commonsense import evaluate_commonsense
-from lily_ssm.train.config import parse_config
 from lily_ssm.train.trainer import AdapterTrainer, run_training, training_collator
 
 
@@ -116,7 +116,7 @@ def test_paper_training_keeps_the_checkpoint_with_the_lowest_validation_loss(ass
 
     raw = _experiment(assets, out, "paper")
     raw["training"].update(save_steps=15)
-    with pytest.raises(lily_ssm.train.config.ConfigError, match="save_steps=15 must be a multiple of.*eval_steps=10"):
+    with pytest.raises(lily_ssm.utils.sections.ConfigError, match="save_steps=15 must be a multiple of.*eval_steps=10"):
         run_training(parse_config(raw), log=lambda *_: None)
 
 

@@ -11,8 +11,9 @@ from conftest import randomise_adapter, tiny_llama, tiny_mamba
 
 import lily_ssm
 from lily_ssm.ablation.config import parse_ablation
-from lily_ssm.train.config import ConfigError, parse_config
+from lily_ssm.config.experiment import parse_config
 from lily_ssm.tuners import get_adapter_state
+from lily_ssm.utils.sections import ConfigError
 
 IDS = torch.randint(2, 64, (2, 12), generator=torch.Generator().manual_seed(3))
 EDIT = 8  # the token that is changed; logits before it must not move

@@ -14,12 +14,13 @@ import torch
 from conftest import language_assets
 from safetensors.torch import load_file
 
+from lily_ssm.config.experiment import parse_config
 from lily_ssm.train import trainer as trainer_module
-from lily_ssm.train.config import ConfigError, parse_config
 from lily_ssm.train.guards import TrainingDivergedError
 from lily_ssm.train.run_folder import CHECKPOINT_MARKER
 from lily_ssm.train.trainer import run_training
 from lily_ssm.utils.lock import FolderBusyError, folder_lock
+from lily_ssm.utils.sections import ConfigError
 
 
 class Killed(Exception):

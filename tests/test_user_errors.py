@@ -20,14 +20,15 @@ from lily_ssm import AdapterLoadError, LilyConfig, LoraConfig
 from lily_ssm import cli as cli_module
 from lily_ssm.cli import error_message
 from lily_ssm.cli import main as cli
+from lily_ssm.config.experiment import load_config, parse_config
 from lily_ssm.data.commonsense import TEST_FIELDS, DataError, read_rows
 from lily_ssm.data.vtab import VTabDataset, read_list_file, write_fake_vtab
 from lily_ssm.models.loading import resolve_model_path
 from lily_ssm.models.vim import load_vim_checkpoint
 from lily_ssm.persistence import CONFIG_NAME, WEIGHTS_NAME, read_adapter
-from lily_ssm.train.config import ConfigError, load_config, parse_config
 from lily_ssm.tuners import merge_adapter
 from lily_ssm.utils.safe_load import TensorFileError, load_tensors_file
+from lily_ssm.utils.sections import ConfigError
 
 LILY = {"method": "lily", "targets": ["in_proj"], "r": 4, "num_A": 1, "num_B": 2}
 GOOD_ROW = {"instruction": "q", "input": "", "output": "the correct answer is true", "answer": "true"}

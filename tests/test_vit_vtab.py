@@ -16,17 +16,11 @@ from conftest import randomise_adapter, tiny_llama
 from torch import nn
 
 import lily_ssm
+from lily_ssm.config.vtab import VtabModelSection, load_vtab_config
 from lily_ssm.data.vtab import write_fake_vtab
-from lily_ssm.train.config import ConfigError
-from lily_ssm.train.vtab import (
-    VtabModelSection,
-    build_backbone,
-    build_model,
-    image_settings,
-    load_vtab_config,
-    run_vtab_task,
-)
+from lily_ssm.train.vtab import run_vtab_task
 from lily_ssm.tuners import get_adapter_state
+from lily_ssm.utils.sections import ConfigError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "vit"
 TINY = CONFIGS / "tiny.yaml"
@@ -243,29 +237,29 @@ def test_a_checkpoint_gives_the_weights_image_size_and_normalisation(tmp_path):
     state = old_layout_checkpoint(folder, {"do_normalize": True, "image_mean": [0.4, 0.5, 0.6],
                                            "image_std": [0.2, 0.3, 0.4]})
     section = VtabModelSection(kind="vit", checkpoint=str(folder))
-    model = build_backbone(section, "dtd")
+    model = section.backbone("dtd")
     assert torch.equal(model.vit.layers[1].attention.k_proj.weight, state["layers.1.attention.k_proj.weight"])
     assert torch.equal(model.vit.layers[1].mlp.fc2.weight, state["layers.1.mlp.fc2.weight"])
     assert model.classifier.out_features == 47 and model.config.num_labels == 47
-    settings = image_settings(section, model)
+    settings = section.image_settings(model)
     assert (settings.size, settings.mean, settings.std) == (32, (0.4, 0.5, 0.6), (0.2, 0.3, 0.4))
     (folder / "preprocessor_config.json").unlink()
-    settings = image_settings(section, model)  # transformers' ViTImageProcessor defaults
+    settings = section.image_settings(model)  # transformers' ViTImageProcessor defaults
     assert (settings.mean, settings.std) == ((0.5,) * 3, (0.5,) * 3) and "no preprocessor_config" in settings.source
     chosen = VtabModelSection(kind="vit", checkpoint=str(folder), mean=[0, 0, 0], std=[1, 1, 1])
-    assert image_settings(chosen, model).std == (1.0, 1.0, 1.0)
+    assert chosen.image_settings(model).std == (1.0, 1.0, 1.0)
     with pytest.raises(ValueError, match="model.img_size=64, but .* is a ViT for 32 px images"):
-        build_backbone(VtabModelSection(kind="vit", checkpoint=str(folder), img_size=64), "dtd")
+        VtabModelSection(kind="vit", checkpoint=str(folder), img_size=64).backbone("dtd")
     tiny_llama(layers=1).config.save_pretrained(tmp_path / "llama")
     with pytest.raises(ValueError, match="holds a 'llama' model; model.kind: vit takes transformers ViT checkpoints"):
-        build_backbone(VtabModelSection(kind="vit", checkpoint=str(tmp_path / "llama")), "dtd")
+        VtabModelSection(kind="vit", checkpoint=str(tmp_path / "llama")).backbone("dtd")
 
 
 def test_the_paper_config_counts_the_published_parameters():
     """vit/lily.py's set_lily_kv on ViT-B/16 (12 layers, width 768) with dim 16 and ne 4: per target type ne
     down projections, ne shared experts and a router per layer; the MLP adapter has rank 2·dim."""
     with torch.device("meta"):
-        model = build_model(load_vtab_config(CONFIGS / "lily.yaml"), "cifar")
+        model = load_vtab_config(CONFIGS / "lily.yaml").build_model("cifar")
     layers, width, dim, ne = 12, 768, 16, 4
     kv = 2 * (ne * width * dim + ne * dim * width + layers * ne * dim)
     mlp = ne * width * 2 * dim + ne * 2 * dim * width + layers * ne * 2 * dim

@@ -7,8 +7,10 @@ from pathlib import Path
 import pytest
 
 from lily_ssm.cli import main as cli
+from lily_ssm.config.vtab import load_vtab_config
 from lily_ssm.data.vtab import write_fake_vtab
-from lily_ssm.train.vtab import load_vtab_config, run_vtab_task, summarize
+from lily_ssm.evaluation.vtab import summarize
+from lily_ssm.train.vtab import run_vtab_task
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "vim" / "tiny.yaml"
 
@@ -93,13 +95,13 @@ def test_a_kill_inside_a_checkpoint_resumes_from_the_last_whole_one(root, tmp_pa
 
 
 def test_other_settings_and_non_finite_losses_are_refused(root, tmp_path):
-    from lily_ssm.train.config import ConfigError
     from lily_ssm.train.guards import TrainingDivergedError
     from lily_ssm.utils.lock import FolderBusyError, folder_lock
+    from lily_ssm.utils.sections import ConfigError
 
     args = [f"data.root={root}", f"training.output_dir={tmp_path}", "training.epochs=1"]
     run_vtab_task(load_vtab_config(TINY, args), "eurosat", log=lambda *_: None)
-    with pytest.raises(ConfigError, match="checkpoint-1 was trained with other settings "
+    with pytest.raises(ConfigError, match=r"eurosat/run.json records another run's settings "
                                           r"\(training.learning_rate: 0.001 now, 0.005 in the folder\)"):
         run_vtab_task(load_vtab_config(TINY, [*args, "training.learning_rate=1e-3"]), "eurosat", log=lambda *_: None)
     run_vtab_task(load_vtab_config(TINY, [*args, "training.learning_rate=1e-3", "training.overwrite=true"]),

@@ -25,9 +25,9 @@ ARMS = {"lily": CONFIGS / "lily_dt_in.yaml", "lora": CONFIGS / "lora_dt_in.yaml"
 
 
 def worker(spec: dict) -> None:
-    from lily_ssm.report import parameter_report
-    from lily_ssm.train.config import load_config
+    from lily_ssm.config.experiment import load_config
     from lily_ssm.train.trainer import LOG_NAME, run_training
+    from lily_ssm.tuners.report import parameter_report
 
     with tempfile.TemporaryDirectory() as out:
         config = load_config(ARMS[spec["arm"]], [f"training.max_steps={spec['steps']}", f"training.output_dir={out}",

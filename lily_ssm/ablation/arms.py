@@ -8,8 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..train.config import ConfigError
 from ..tuners.budget import BudgetError, match_budget
+from ..utils.sections import ConfigError
 from .config import AblationConfig
 
 
@@ -43,37 +43,37 @@ def base_model_for_planning(config: AblationConfig) -> nn.Module:
         from ..models.loading import build_meta_model
 
         return build_meta_model(model["name_or_path"], model["trust_remote_code"])
-    from ..train.vtab import VtabModelSection, build_backbone
+    from ..config.vtab import VtabModelSection
 
     section = VtabModelSection(**model)
     if section.kind == "vit":  # its config is enough: no weights are read, nothing is allocated
         with torch.device("meta"):
-            return build_backbone(section, config.ablation.tasks[0], weights=False)
-    return build_backbone(section, config.ablation.tasks[0])
+            return section.backbone(config.ablation.tasks[0], weights=False)
+    return section.backbone(config.ablation.tasks[0])
 
 
 def plan_arms(config: AblationConfig, model: nn.Module | None = None) -> list[Arm]:
     """Every arm of ``config``, sized by the budget matcher. Raises :class:`ConfigError` listing every
     arm whose budget cannot be met, before anything is trained."""
-    a = config.ablation
+    ablation = config.ablation
     model = model if model is not None else base_model_for_planning(config)
     arms: list[Arm] = []
     problems: list[str] = []
     for set_name, targets in config.target_sets(model).items():
-        for method in a.methods:
+        for method in ablation.methods:
             modes = config.routing_modes() if method == "lily" else [None]
             for routing in modes:
                 name = f"{method}-{set_name}" + (f"-{routing}" if routing else "")
-                template = {**getattr(a, method), "method": method, "targets": targets}
+                template = {**getattr(ablation, method), "method": method, "targets": targets}
                 if routing:
                     template["routing"] = routing
                 try:
-                    match = match_budget(model, template, a.budget, a.tolerance)
+                    match = match_budget(model, template, ablation.budget, ablation.tolerance)
                 except (BudgetError, ValueError) as exc:
                     problems.append(f"{name}: {exc}")
                     continue
                 arms.append(Arm(name, method, set_name, tuple(targets), routing, match.config.to_dict(),
-                                match.parameters, a.budget, match.notes))
+                                match.parameters, ablation.budget, match.notes))
     if problems:
         raise ConfigError(f"{config.source}: {len(problems)} arm(s) cannot be sized to the budget:\n  "
                           + "\n  ".join(problems))

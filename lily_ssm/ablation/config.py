@@ -10,22 +10,16 @@ adapter is not written by hand: the budget matcher sizes it.
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from ..train.config import (
-    ConfigError,
-    DataSection,
-    ModelSection,
-    TrainingSection,
-    parse_sections,
-    read_yaml,
-)
+from ..config import experiment, vtab
+from ..modules.registry import MAMBA2_MIXERS
 from ..tuners.lily.config import ROUTING_MODES, lookahead_problem
-from ..tuners.targets import MAMBA2_MIXERS
+from ..utils.sections import Bound, ConfigError, parse_sections, read_yaml, setting
 
 PATHS = ("language", "vim")
 METHODS = ("lily", "lora")
@@ -73,29 +67,34 @@ _SET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")  # names become folder 
 
 @dataclass
 class AblationSection:
-    output_dir: str
-    budget: int  # adapter parameters per arm (a classifier head is counted apart)
-    path: str = "language"
-    methods: list[str] = field(default_factory=lambda: list(METHODS))
-    target_sets: Any = None  # preset names, or {name: [targets]}; None: the family's DEFAULT_SETS
-    routing: list[str] | None = None  # Lily routing modes, one Lily arm each; default causal / token (Vim)
-    tolerance: float = 0.05
-    lily: dict[str, Any] = field(default_factory=dict)  # over DEFAULT_METHOD_SETTINGS["lily"]
-    lora: dict[str, Any] = field(default_factory=dict)
-    workers: int = 1
-    tasks: list[str] | None = None  # Vim path: the VTAB tasks each arm trains and tests on
+    output_dir: str = setting(help="one sub-folder per arm, plus plan.json, results.csv / .json and summary.md")
+    budget: int = setting(help="adapter parameters per arm (a classifier head is counted apart)")
+    path: str = setting("language", help="language (lily-ssm train + the commonsense evaluator) or vim (lily-ssm "
+                                         "vtab, Vim or ViT)")
+    methods: list[str] = setting(default_factory=lambda: list(METHODS), help="methods to compare: lily, lora")
+    target_sets: Any = setting(None, help="preset names, or a mapping name: [targets]; unset: the family's "
+                                          "default presets")
+    routing: list[str] | None = setting(None, help="Lily routing modes, one Lily arm each; unset: causal for "
+                                                   "language models, token for Vim, batch for ViT")
+    tolerance: float = setting(0.05, help="how far an arm's parameter count may be from the budget (a fraction)")
+    lily: dict[str, Any] = setting(default_factory=dict, help="Lily settings of every Lily arm (default num_A 4, "
+                                                              "num_B 4); r is sized per arm")
+    lora: dict[str, Any] = setting(default_factory=dict, help="LoRA settings of every LoRA arm (alpha 2·r unless "
+                                                              "set); r is sized per arm")
+    workers: int = setting(1, help="arms run in parallel processes")
+    tasks: list[str] | None = setting(None, help="vim path: the VTAB tasks each arm trains and tests on")
 
 
 @dataclass
 class EvaluationSection:
     """How each language arm is scored; the prompt protocol is the arms' ``data.protocol``."""
 
-    data_root: str
-    tasks: Any = None  # comma-separated names, a list, or None for all eight
-    batch_size: int = 16
-    num_beams: int | None = None  # None: the protocol's (4 for paper, greedy for clean)
-    max_new_tokens: int | None = None  # None: the protocol's (32)
-    limit: int | None = None
+    data_root: str = setting(help="test sets: <task>/test.json per task, or builtin:synthetic-commonsense")
+    tasks: Any = setting(None, help="comma-separated task names or a list; unset: all eight")
+    batch_size: int = setting(16, help="prompts per generation batch", bound=Bound(1))
+    num_beams: int | None = setting(None, help="beams; unset: the protocol's (4 for paper, greedy for clean)")
+    max_new_tokens: int | None = setting(None, help="new tokens per answer; unset: the protocol's (32)")
+    limit: int | None = setting(None, help="only the first N items of each task")
 
 
 @dataclass
@@ -153,17 +152,11 @@ def _target_list(name: Any, targets: Any, source: str) -> list[str]:
     return targets
 
 
-def _vim_classes() -> dict[str, type]:
-    from ..train.vtab import VtabDataSection, VtabModelSection, VtabTrainingSection
-
-    return {"model": VtabModelSection, "data": VtabDataSection, "training": VtabTrainingSection}
-
-
 def section_classes(path: str) -> dict[str, type]:
+    """The experiment sections an ablation file of ``path`` holds besides ``ablation``."""
     if path == "language":
-        return {"model": ModelSection, "data": DataSection, "training": TrainingSection,
-                "evaluation": EvaluationSection}
-    return _vim_classes()
+        return {**experiment.SECTIONS, "evaluation": EvaluationSection}
+    return dict(vtab.SECTIONS)
 
 
 def parse_ablation(raw: Any, source: str = "<dict>") -> AblationConfig:
@@ -210,36 +203,37 @@ def parse_ablation(raw: Any, source: str = "<dict>") -> AblationConfig:
     return config
 
 
-def _check_ablation(a: AblationSection, source: str) -> None:
+def _check_ablation(ablation: AblationSection, source: str) -> None:
     def bad(key: str, value: Any, valid: str) -> ConfigError:
         return ConfigError(f"{source}: ablation.{key}={value!r}; {valid}")
 
-    if a.path not in PATHS:
-        raise bad("path", a.path, f"paths: {', '.join(PATHS)}")
-    if not isinstance(a.budget, int) or isinstance(a.budget, bool) or a.budget < 1:
-        raise bad("budget", a.budget, "must be a positive number of adapter parameters")
-    if not isinstance(a.methods, list) or not a.methods or any(m not in METHODS for m in a.methods):
-        raise bad("methods", a.methods, f"a non-empty list of {', '.join(METHODS)}")
-    if a.routing is not None and (not isinstance(a.routing, list) or not a.routing
-                                  or any(r not in ROUTING_MODES for r in a.routing)):
-        raise bad("routing", a.routing, f"a non-empty list of {', '.join(ROUTING_MODES)}")
-    if not 0 < a.tolerance < 1:
-        raise bad("tolerance", a.tolerance, "a fraction between 0 and 1, e.g. 0.05")
-    if not isinstance(a.workers, int) or a.workers < 1:
-        raise bad("workers", a.workers, "a positive number of parallel processes")
+    if ablation.path not in PATHS:
+        raise bad("path", ablation.path, f"paths: {', '.join(PATHS)}")
+    if not isinstance(ablation.budget, int) or isinstance(ablation.budget, bool) or ablation.budget < 1:
+        raise bad("budget", ablation.budget, "must be a positive number of adapter parameters")
+    methods = ablation.methods
+    if not isinstance(methods, list) or not methods or any(m not in METHODS for m in methods):
+        raise bad("methods", ablation.methods, f"a non-empty list of {', '.join(METHODS)}")
+    if ablation.routing is not None and (not isinstance(ablation.routing, list) or not ablation.routing
+                                  or any(r not in ROUTING_MODES for r in ablation.routing)):
+        raise bad("routing", ablation.routing, f"a non-empty list of {', '.join(ROUTING_MODES)}")
+    if not 0 < ablation.tolerance < 1:
+        raise bad("tolerance", ablation.tolerance, "a fraction between 0 and 1, e.g. 0.05")
+    if not isinstance(ablation.workers, int) or ablation.workers < 1:
+        raise bad("workers", ablation.workers, "a positive number of parallel processes")
     for key in ("lily", "lora"):
-        if not isinstance(getattr(a, key), dict):
-            raise bad(key, getattr(a, key), "a mapping of adapter settings")
-        fixed = sorted({"r", "targets", "method", "overrides"} & set(getattr(a, key)))
+        if not isinstance(getattr(ablation, key), dict):
+            raise bad(key, getattr(ablation, key), "a mapping of adapter settings")
+        fixed = sorted({"r", "targets", "method", "overrides"} & set(getattr(ablation, key)))
         if fixed:
-            raise bad(key, getattr(a, key), f"{', '.join(fixed)} are set per arm, not here")
-    if a.path == "vim":
+            raise bad(key, getattr(ablation, key), f"{', '.join(fixed)} are set per arm, not here")
+    if ablation.path == "vim":
         from ..data.vtab import TASKS
 
-        if not a.tasks or not isinstance(a.tasks, list) or any(t not in TASKS for t in a.tasks):
-            raise bad("tasks", a.tasks, f"the Vim path needs a list of VTAB tasks from: {', '.join(TASKS)}")
-    elif a.tasks is not None:
-        raise bad("tasks", a.tasks, "only the Vim path takes tasks (the language path uses evaluation.tasks)")
+        if not ablation.tasks or not isinstance(ablation.tasks, list) or any(t not in TASKS for t in ablation.tasks):
+            raise bad("tasks", ablation.tasks, f"the Vim path needs a list of VTAB tasks from: {', '.join(TASKS)}")
+    elif ablation.tasks is not None:
+        raise bad("tasks", ablation.tasks, "only the Vim path takes tasks (the language path uses evaluation.tasks)")
 
 
 def load_ablation(path: str | Path, overrides: list[str] | None = None) -> AblationConfig:

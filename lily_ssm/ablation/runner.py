@@ -30,9 +30,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ..train.config import ConfigError
 from ..utils.atomic import write_atomic
 from ..utils.lock import folder_lock
+from ..utils.sections import ConfigError
 from .arms import Arm, describe_arm, plan_arms
 from .config import AblationConfig
 
@@ -54,10 +54,10 @@ def _training_part(spec: dict[str, Any]) -> dict[str, Any]:
 
 def run_ablation(config: AblationConfig, log: Any = print, dry_run: bool = False) -> dict[str, Any]:
     """Plan the arms, run those not finished yet, and write the tables; returns the table rows."""
-    a = config.ablation
+    ablation = config.ablation
     arms = plan_arms(config)
-    out = Path(a.output_dir)
-    log(f"{len(arms)} arms at a budget of {a.budget:,} adapter parameters (±{a.tolerance:.0%}):")
+    out = Path(ablation.output_dir)
+    log(f"{len(arms)} arms at a budget of {ablation.budget:,} adapter parameters (±{ablation.tolerance:.0%}):")
     for arm in arms:
         log("  " + describe_arm(arm))
     if dry_run:
@@ -217,8 +217,8 @@ def run_arm(arm: Arm, spec: dict[str, Any], folder: Path, log: Any = print, quie
 
 def _run_language(arm: Arm, sections: dict[str, Any], folder: Path, log: Any,
                   quiet: bool) -> tuple[float, dict[str, float], float]:
+    from ..config.experiment import parse_config
     from ..evaluation.commonsense import evaluate_commonsense
-    from ..train.config import parse_config
     from ..train.trainer import run_training, training_seconds
 
     training = {**sections["training"], "output_dir": str(folder / "adapter"), "resume": True}
@@ -236,13 +236,8 @@ def _run_language(arm: Arm, sections: dict[str, Any], folder: Path, log: Any,
 
 def _run_vim(arm: Arm, sections: dict[str, Any], tasks: list[str], folder: Path,
              log: Any) -> tuple[float, dict[str, float], float]:
-    from ..train.vtab import (
-        VtabDataSection,
-        VtabExperiment,
-        VtabModelSection,
-        VtabTrainingSection,
-        run_vtab_task,
-    )
+    from ..config.vtab import VtabDataSection, VtabExperiment, VtabModelSection, VtabTrainingSection
+    from ..train.vtab import run_vtab_task
 
     experiment = VtabExperiment(
         model=VtabModelSection(**sections["model"]), adapter=arm.adapter, data=VtabDataSection(**sections["data"]),
@@ -310,16 +305,16 @@ def write_tables(config: AblationConfig, arms: list[Arm], results: dict[str, dic
 
 
 def summary_markdown(config: AblationConfig, arms: list[Arm], rows: list[dict[str, Any]]) -> str:
-    a = config.ablation
-    measure = "commonsense accuracy (average over tasks)" if a.path == "language" else \
-        f"VTAB-1K test accuracy (mean over {', '.join(a.tasks or [])})"
+    ablation = config.ablation
+    measure = "commonsense accuracy (average over tasks)" if ablation.path == "language" else \
+        f"VTAB-1K test accuracy (mean over {', '.join(ablation.tasks or [])})"
     done = [row["accuracy_pct"] for row in rows if row["accuracy_pct"] != ""]
     best = max(done) if done else None
     cuda = any(row["peak_cuda_mb"] != "" for row in rows)
     peak = ("peak CUDA memory allocated by the arm's process" if cuda else "the peak RSS of the arm's process")
     lines = [f"# Ablation: {config.source}", "",
-             f"Budget {a.budget:,} adapter parameters per arm (±{a.tolerance:.0%}); accuracy is {measure}; "
-             f"peak MB is {peak}.", "",
+             f"Budget {ablation.budget:,} adapter parameters per arm (±{ablation.tolerance:.0%}); accuracy is "
+             f"{measure}; peak MB is {peak}.", "",
              "| arm | targets | routing | r | A / B | parameters | vs budget | accuracy (%) | train (s) | peak MB |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for row in rows:

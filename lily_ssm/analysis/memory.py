@@ -98,27 +98,27 @@ def plan_training_memory(experiment: Any) -> MemoryPlan:
     layer whose core is recomputed during backward. CUDA's context and the allocator's fragmentation
     are not in it: keep about 2 GiB of a GPU's memory beyond the plan."""
     from ..models.loading import parse_dtype
-    from ..report import parameter_report
     from ..tuners import apply_adapter
+    from ..tuners.report import parameter_report
 
-    m, t = experiment.model, experiment.training
+    model_section, training = experiment.model, experiment.training
     adapter_config = experiment.adapter_config()
-    model_config = load_model_config(m.name_or_path, m.trust_remote_code)
-    dtype = parse_dtype(m.dtype)
+    model_config = load_model_config(model_section.name_or_path, model_section.trust_remote_code)
+    dtype = parse_dtype(model_section.dtype)
     dtype = torch.float32 if dtype in (None, "auto") else dtype
-    full = meta_model(model_config, m.trust_remote_code).to(dtype)
+    full = meta_model(model_config, model_section.trust_remote_code).to(dtype)
     apply_adapter(full, adapter_config)
     adapter = parameter_report(full).adapter_total
     frozen = sum(p.numel() for n, p in full.named_parameters() if "lily_ssm_adapter" not in n)
     layers = model_config.num_hidden_layers
-    batch, tokens = t.micro_batch_size, experiment.data.cutoff_len
+    batch, tokens = training.micro_batch_size, experiment.data.cutoff_len
     base, per_layer = activation_bytes(model_config, adapter_config, batch, tokens, dtype)
     recomputed = activation_bytes(model_config, adapter_config, batch, tokens, dtype, fused=False)[1]
     vocab, hidden = model_config.vocab_size, model_config.hidden_size
     size = _DTYPE_BYTES[dtype]
     notes = [f"saved activations: {per_layer / (batch * tokens) / 1024:.1f} KiB per token per layer, measured on the "
              f"meta device for {batch} x {tokens} tokens"]
-    if t.gradient_checkpointing:  # each block keeps its input; one block is recomputed at a time
+    if training.gradient_checkpointing:  # each block keeps its input; one block is recomputed at a time
         activations = layers * batch * tokens * hidden * size + base
         notes.append("gradient checkpointing: each block keeps only its input")
     else:

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..tuners.model import get_adapter_state
-from ..utils.atomic import atomic_path
 
 
 class RouterRecorder:
@@ -87,31 +85,3 @@ def router_matrix(model: nn.Module, recorder: RouterRecorder) -> dict[str, torch
         if rows:
             matrices[key] = torch.stack(rows)
     return matrices
-
-
-def plot_router_weights(matrices: dict[str, torch.Tensor], path: str | Path, title: str = "") -> Path:
-    """A heatmap per target type (layers x B experts), written as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    if not matrices:
-        raise ValueError("no router weights were recorded: the adapter has no routers (num_B=1) or saw no data")
-    fig, axes = plt.subplots(1, len(matrices), figsize=(3.2 * len(matrices) + 1, 4), squeeze=False)
-    for ax, (key, matrix) in zip(axes[0], matrices.items()):
-        image = ax.imshow(matrix.numpy(), aspect="auto", cmap="viridis", vmin=0.0)
-        ax.set_title(key)
-        ax.set_xlabel("B expert")
-        ax.set_ylabel("layer")
-        ax.set_xticks(range(matrix.shape[1]))
-        ax.set_yticks(range(matrix.shape[0]))
-        fig.colorbar(image, ax=ax, fraction=0.046)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    return path

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..utils.paths import cache_dir
 from .prompts import training_prompt
 
 TRAIN_FIELDS = ("instruction", "output")
@@ -24,7 +25,6 @@ def resolve_data_root(source: str | Path) -> Path:
         return Path(source)
     if str(source) != BUILTIN_DATA:
         raise ValueError(f"unknown built-in data set {source!r}; built-in data: {BUILTIN_DATA}")
-    from ..models.loading import cache_dir
     from .synthetic import write_synthetic_commonsense
 
     root = cache_dir() / "synthetic-commonsense"

@@ -1,4 +1,4 @@
-"""The Alpaca-style prompts of the commonsense protocol, and each task's answer pattern.
+"""The Alpaca-style prompts of the commonsense protocol, and each task's answer pattern (docs/design.md §5).
 
 Two protocols:
 

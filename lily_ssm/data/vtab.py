@@ -1,4 +1,5 @@
-"""VTAB-1K: the 19 tasks, an image-folder data set that reads the usual list files, and scoring helpers.
+"""VTAB-1K (docs/design.md §5): the 19 tasks, an image-folder data set that reads the usual list files, and scoring
+helpers.
 
 Layout on disk (the one the NOAH / FacT / Lily code bases use)::
 

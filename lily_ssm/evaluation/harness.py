@@ -23,7 +23,7 @@ from lm_eval.models import huggingface as _hf
 from lm_eval.models.huggingface import HFLM
 
 from ..models.loading import resolve_model_path
-from ..modules.mamba_mixer import patch_mamba_mixers
+from ..modules.registry import patch_mamba_mixers
 from ..persistence import check_adapter_folder, load_adapter
 from ..tuners.lily.config import LOOKAHEAD_MODES
 from ..tuners.model import ADAPTER_ATTR

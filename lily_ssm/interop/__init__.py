@@ -1,1 +1,1 @@
-"""Interoperability with other tools' formats: PEFT adapter folders and the Hugging Face Hub."""
+"""Working with other tools: converting adapter folders to and from PEFT's format, and pushing them to the Hub."""

@@ -10,9 +10,9 @@ from typing import Any
 
 from torch import nn
 
+from ..config.record import read_record
 from ..persistence import read_adapter, save_adapter
-from ..train.config import read_experiment_record
-from .hub import ADAPTER_FILES, HubError, hub_offline, hub_reason, is_hub_id, resolve_adapter
+from ..persistence.hub import ADAPTER_FILES, HubError, hub_offline, hub_reason, is_hub_id, resolve_adapter
 
 
 def model_card(folder: str | os.PathLike, repo_id: str) -> str:
@@ -21,7 +21,8 @@ def model_card(folder: str | os.PathLike, repo_id: str) -> str:
     folder = Path(folder)
     meta, tensors = read_adapter(folder)
     config = meta["config"]
-    base = _base_model(folder) or meta["base_model"].get("architecture", "unknown")
+    record = read_record(folder)
+    base = (record.base_model if record else None) or meta["base_model"].get("architecture", "unknown")
     count = sum(t.numel() for t in tensors.values())
     targets = config["targets"] if isinstance(config["targets"], str) else ", ".join(config["targets"])
     settings = ", ".join(f"{k}={json.dumps(v)}" for k, v in sorted(config.items())
@@ -55,18 +56,6 @@ def model_card(folder: str | os.PathLike, repo_id: str) -> str:
 
 
 _METHODS = {"lily": "Lily (Low-Rank Interconnected Adaptation across Layers)", "lora": "LoRA"}
-
-
-def _base_model(folder: Path) -> str | None:
-    record = read_experiment_record(folder)
-    section = record[1].get("model") if record else None
-    if isinstance(section, dict) and isinstance(section.get("name_or_path"), str):
-        return section["name_or_path"]
-    result = _read_json(folder / "result.json")
-    model = (result.get("config") or {}).get("model") if isinstance(result, dict) else None
-    if isinstance(model, dict):
-        return model.get("checkpoint") or model.get("preset")
-    return None
 
 
 def _read_json(path: Path) -> Any:

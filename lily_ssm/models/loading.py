@@ -8,15 +8,12 @@ from typing import Any
 
 import torch
 
+from ..utils.paths import cache_dir
+
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_MODELS = ("tiny-falcon-mamba",)
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
-
-
-def cache_dir() -> Path:
-    """Where built-in assets are kept: ``$LILY_SSM_CACHE``, else ``~/.cache/lily-ssm``."""
-    return Path(os.environ.get("LILY_SSM_CACHE", Path.home() / ".cache" / "lily-ssm"))
 
 
 def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | str | None:
@@ -67,7 +64,7 @@ def load_model_and_tokenizer(name_or_path: str, dtype: str | torch.dtype | None 
     the CUDA kernels when present) with or without an adapter."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ..modules.mamba_mixer import patch_mamba_mixers
+    from ..modules.registry import patch_mamba_mixers
 
     path = resolve_model_path(name_or_path)
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}

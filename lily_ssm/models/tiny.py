@@ -101,7 +101,7 @@ def pretrain(model, tokenizer, texts: list[str], steps: int, batch_size: int, lr
     Uses lily-ssm's mixer forward while training (same math as transformers', faster on CPU) and
     restores the model's own forward afterwards. Returns the loss of every step.
     """
-    from ..modules.mamba_mixer import patch_mamba_mixers, unpatch_mamba_mixers
+    from ..modules.registry import patch_mamba_mixers, unpatch_mamba_mixers
 
     if steps < 0 or batch_size < 1 or lr <= 0:
         raise ValueError(f"steps={steps}, batch_size={batch_size}, lr={lr}; need steps >= 0, batch_size >= 1, lr > 0")

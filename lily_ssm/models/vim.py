@@ -1,4 +1,4 @@
-"""Vision Mamba (Vim) with the bidirectional "v2" mixer (DESIGN.md §4).
+"""Vision Mamba (Vim) with the bidirectional "v2" mixer (docs/design.md §3, §5).
 
 The architecture and state-dict layout follow the public Vim checkpoints (e.g.
 ``vim_small_patch16_224_bimambav2_final_pool_mean_abs_pos_embed_with_midclstok_div2``)::
@@ -10,7 +10,7 @@ The architecture and state-dict layout follow the public Vim checkpoints (e.g.
 
 Like the language-model mixer (:mod:`lily_ssm.modules.mamba_mixer`), :class:`VimMixer` calls every
 projection through its module, so adapters on ``in_proj``, ``x_proj(_b)``, ``dt_proj(_b)`` and
-``out_proj`` run; Δ is taken with :func:`~lily_ssm.tuners.base.linear_without_bias` and handed to the
+``out_proj`` run; Δ is taken with :func:`~lily_ssm.modules.projection.linear_without_bias` and handed to the
 scan together with ``delta_bias``; the scan and the convolution go through :mod:`lily_ssm.ops`
 (CUDA kernels when present, PyTorch otherwise).
 
@@ -42,8 +42,8 @@ import torch
 from torch import nn
 
 from .. import ops
-from ..modules.recompute import core_parameters, fused_enabled, recompute
-from ..tuners.base import linear_without_bias
+from ..modules.projection import linear_without_bias, read_parameters
+from ..modules.recompute import fused_enabled, recompute
 from ..utils.safe_load import load_tensors_file
 
 
@@ -214,7 +214,7 @@ class VimMixer(nn.Module):
                 return (self._direction(x, z, conv1d, x_proj, dt_proj, A_log, D),)
 
             if fused_enabled():
-                ys.append(recompute(core, (x, z), core_parameters((conv1d, x_proj, dt_proj), (A_log, D)))[0])
+                ys.append(recompute(core, (x, z), read_parameters((conv1d, x_proj, dt_proj), (A_log, D)))[0])
             else:
                 ys.append(core(x, z)[0])
         y = (ys[0].float() + ys[1].float()) / 2

@@ -1,4 +1,4 @@
-"""transformers' ViT as a VTAB-1K backbone (the paper's ViT-B/16 comparison, DESIGN.md §1.4).
+"""transformers' ViT as a VTAB-1K backbone (the paper's ViT-B/16 comparison, docs/design.md §5).
 
 A backbone is a ``ViTForImageClassification``: from an HF-format checkpoint (a local folder or a hub id,
 e.g. ``google/vit-base-patch16-224-in21k``; transformers 5 converts the older ``encoder.layer.N.attention

@@ -1,4 +1,4 @@
-"""A Mamba-2 mixer forward that calls in_proj and out_proj as modules on every path (DESIGN.md §3).
+"""A Mamba-2 mixer forward that calls in_proj and out_proj as modules on every path (docs/design.md §3).
 
 transformers' Mamba-2 family (Mamba2, Bamba, Falcon-H1, Nemotron-H, Zamba2, GraniteMoeHybrid) shares one
 mixer forward; on the CUDA training path it hands ``out_proj.weight`` to the fused
@@ -22,8 +22,9 @@ from torch import nn
 
 from .. import ops
 from ..ops import ssd
-from .mamba_mixer import _mask_padding
-from .recompute import core_parameters, fused_enabled, recompute
+from .padding import mask_padding
+from .projection import read_parameters
+from .recompute import fused_enabled, recompute
 
 
 def _gate_and_norm(mixer: nn.Module, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
@@ -45,7 +46,7 @@ def mamba2_mixer_forward(self: nn.Module, hidden_states: torch.Tensor, cache: An
         recurrent_state = cache.get_recurrent_state(self.layer_idx)
     d, gn, h, p = self.intermediate_size, self.n_groups * self.ssm_state_size, self.num_heads, self.head_dim
 
-    hidden_states = _mask_padding(hidden_states, attention_mask)
+    hidden_states = mask_padding(hidden_states, attention_mask)
     if hasattr(self, "ssm_in_multiplier"):  # Falcon-H1's μP multipliers
         hidden_states = hidden_states * self.ssm_in_multiplier
     projected = self.in_proj(hidden_states)
@@ -58,7 +59,7 @@ def mamba2_mixer_forward(self: nn.Module, hidden_states: torch.Tensor, cache: An
     if conv_state is not None and seq_len == 1 and not cache.is_recording_past(self.layer_idx):
         xBC = ops.causal_conv1d_update(xBC.transpose(1, 2), conv_state, conv_weight, self.conv1d.bias,
                                        activation=self.activation)
-        xBC = _mask_padding(xBC.transpose(1, 2), attention_mask)
+        xBC = mask_padding(xBC.transpose(1, 2), attention_mask)
         x, B, C = xBC[:, 0].split([d, gn, gn], dim=-1)
         y = ssd.ssd_state_update(
             recurrent_state, x.reshape(batch, h, p), dt[:, 0, :, None].expand(-1, -1, p),
@@ -76,7 +77,7 @@ def mamba2_mixer_forward(self: nn.Module, hidden_states: torch.Tensor, cache: An
     def core(xBC: torch.Tensor, gate: torch.Tensor, dt: torch.Tensor,
              initial: torch.Tensor | None = None) -> tuple[torch.Tensor, Any]:
         u = ops.causal_conv1d(xBC, conv_weight, self.conv1d.bias, activation=self.activation)[..., -seq_len:]
-        x, B, C = _mask_padding(u.transpose(1, 2), attention_mask).split([d, gn, gn], dim=-1)
+        x, B, C = mask_padding(u.transpose(1, 2), attention_mask).split([d, gn, gn], dim=-1)
         result = ssd.ssd_scan(
             x.reshape(batch, seq_len, h, p), dt, A, B.reshape(batch, seq_len, self.n_groups, -1),
             C.reshape(batch, seq_len, self.n_groups, -1), self.chunk_size, D=self.D, dt_bias=self.dt_bias,
@@ -88,7 +89,7 @@ def mamba2_mixer_forward(self: nn.Module, hidden_states: torch.Tensor, cache: An
 
     inputs = (xBC, gate, dt) if initial is None else (xBC, gate, dt, initial)
     if fused_enabled():
-        params = core_parameters([self.conv1d, self.norm], (self.A_log, self.D, self.dt_bias))
+        params = read_parameters([self.conv1d, self.norm], (self.A_log, self.D, self.dt_bias))
         y, last = recompute(core, inputs, params)
     else:
         y, last = core(*inputs)

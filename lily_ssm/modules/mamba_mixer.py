@@ -1,32 +1,24 @@
-"""A Mamba-1 mixer forward that calls every projection through its module (DESIGN.md §3).
+"""A Mamba-1 mixer forward that calls every projection through its module (docs/design.md §3).
 
 transformers' ``MambaMixer`` / ``FalconMambaMixer`` / ``JambaMambaMixer`` compute
-``dt_proj.weight @ time_step`` and, on
-the kernel path, hand ``x_proj`` / ``dt_proj`` / ``out_proj`` weights straight to a fused function,
-so adapters on those modules silently do nothing. :func:`patch_mamba_mixers` swaps in
-:func:`mamba_mixer_forward` on every such mixer: same math, same cache protocol, but ``in_proj``,
-``x_proj``, ``dt_proj`` and ``out_proj`` are always called, and the scan goes through
-:mod:`lily_ssm.ops` (CUDA kernels when present, PyTorch otherwise).
+``dt_proj.weight @ time_step`` and, on the kernel path, hand ``x_proj`` / ``dt_proj`` / ``out_proj`` weights
+straight to a fused function, so adapters on those modules silently do nothing.
+:func:`~lily_ssm.modules.registry.patch_mamba_mixers` swaps in :func:`mamba_mixer_forward` on every such
+mixer: same math, same cache protocol, but ``in_proj``, ``x_proj``, ``dt_proj`` and ``out_proj`` are always
+called, and the scan goes through :mod:`lily_ssm.ops` (CUDA kernels when present, PyTorch otherwise).
 """
 
 from __future__ import annotations
 
-from types import MethodType
 from typing import Any
 
 import torch
 from torch import nn
 
 from .. import ops
-from ..tuners.base import linear_without_bias
-from .recompute import core_parameters, fused_enabled, recompute
-
-
-def _mask_padding(hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-    """Zero padded positions of ``(batch, seqlen, dim)`` so they neither feed the state nor the routers."""
-    if attention_mask is None or attention_mask.shape[1] != hidden.shape[1]:
-        return hidden
-    return (hidden * attention_mask[:, :, None]).to(hidden.dtype)
+from .padding import mask_padding
+from .projection import linear_without_bias, read_parameters
+from .recompute import fused_enabled, recompute
 
 
 def mamba_mixer_forward(self: nn.Module, hidden_states: torch.Tensor, cache: Any = None,
@@ -45,13 +37,13 @@ def mamba_mixer_forward(self: nn.Module, hidden_states: torch.Tensor, cache: Any
         conv_state = cache.get_conv_state(self.layer_idx)
         recurrent_state = cache.get_recurrent_state(self.layer_idx)
 
-    hidden_states = _mask_padding(hidden_states, attention_mask)
+    hidden_states = mask_padding(hidden_states, attention_mask)
     x, gate = self.in_proj(hidden_states).chunk(2, dim=-1)  # (b, t, d) each
     x = x.transpose(1, 2)
     conv_weight = self.conv1d.weight.squeeze(1)
     if conv_state is not None and seq_len == 1 and not cache.is_recording_past(self.layer_idx):
         x = ops.causal_conv1d_update(x, conv_state, conv_weight, self.conv1d.bias, activation=self.activation)
-        x = _mask_padding(x.transpose(1, 2), attention_mask)
+        x = mask_padding(x.transpose(1, 2), attention_mask)
         time_step, B, C, delta, delta_bias = _delta(self, x)
         y = ops.selective_state_update(
             recurrent_state, x[:, 0], delta[:, 0], -torch.exp(self.A_log.float()), B[:, 0], C[:, 0], self.D,
@@ -65,7 +57,7 @@ def mamba_mixer_forward(self: nn.Module, hidden_states: torch.Tensor, cache: Any
 
     def core(x: torch.Tensor, gate: torch.Tensor, initial: torch.Tensor | None = None) -> tuple[torch.Tensor, Any]:
         u = ops.causal_conv1d(x, conv_weight, self.conv1d.bias, activation=self.activation)[..., -seq_len:]
-        u = _mask_padding(u.transpose(1, 2), attention_mask)  # (b, t, d)
+        u = mask_padding(u.transpose(1, 2), attention_mask)  # (b, t, d)
         _, B, C, delta, delta_bias = _delta(self, u)
         result = ops.selective_scan(
             u.transpose(1, 2), delta.transpose(1, 2), -torch.exp(self.A_log.float()), B.transpose(1, 2),
@@ -76,7 +68,7 @@ def mamba_mixer_forward(self: nn.Module, hidden_states: torch.Tensor, cache: Any
         return y.transpose(1, 2).to(dtype), last
 
     if fused_enabled():
-        params = core_parameters(_core_modules(self), (self.A_log, self.D))
+        params = read_parameters(_core_modules(self), (self.A_log, self.D))
         y, last = recompute(core, (x, gate) if initial is None else (x, gate, initial), params)
     else:
         y, last = core(x, gate, initial)
@@ -98,33 +90,3 @@ def _delta(mixer: nn.Module, u: torch.Tensor):
         time_step, B, C = mixer.dt_layernorm(time_step), mixer.b_layernorm(B), mixer.c_layernorm(C)
     delta, delta_bias = linear_without_bias(mixer.dt_proj, time_step)
     return time_step, B, C, delta, delta_bias.float() if delta_bias is not None else None
-
-
-def owned_forward(module: nn.Module) -> Any:
-    """The module-calling forward this toolkit has for ``module``'s class (a transformers Mamba-1 or
-    Mamba-2 mixer), or None."""
-    from ..tuners.targets import MAMBA1_MIXERS, MAMBA2_MIXERS
-    from .mamba2_mixer import mamba2_mixer_forward
-
-    if not type(module).__module__.startswith("transformers."):
-        return None
-    name = type(module).__name__
-    return mamba_mixer_forward if name in MAMBA1_MIXERS else mamba2_mixer_forward if name in MAMBA2_MIXERS else None
-
-
-def patch_mamba_mixers(model: nn.Module) -> int:
-    """Give every transformers Mamba-1 / Mamba-2 mixer in ``model`` the module-calling forward; returns how
-    many."""
-    count = 0
-    for module in model.modules():
-        forward = owned_forward(module)
-        if forward is not None and "forward" not in module.__dict__:
-            module.forward = MethodType(forward, module)
-            count += 1
-    return count
-
-
-def unpatch_mamba_mixers(model: nn.Module) -> None:
-    for module in model.modules():
-        if owned_forward(module) is not None and "forward" in module.__dict__:
-            del module.forward

@@ -1,4 +1,4 @@
-"""The fused, memory-lean SSM core: keep only its inputs for backward and recompute the rest.
+"""The fused, memory-lean SSM core: keep only its inputs for backward and recompute the rest (docs/design.md §8).
 
 ``mamba_ssm``'s fused ``mamba_inner_fn`` keeps ``xz`` (the in_proj output) and recomputes the
 convolution and Δ in backward, but it takes the projections' *weights*, so adapters on ``x_proj``,
@@ -12,11 +12,10 @@ through the recomputed graph. Outputs and gradients are those of the unfused pat
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
-from torch import nn
 
 _FUSED = [True]
 
@@ -35,21 +34,6 @@ def unfused() -> Iterator[None]:
         yield
     finally:
         _FUSED[0] = saved
-
-
-def core_parameters(modules: Iterable[nn.Module], tensors: Iterable[torch.Tensor] = ()) -> list[torch.Tensor]:
-    """The trainable tensors the core reads: the modules' parameters, the adapter pools they carry
-    (shared pools once), and ``tensors`` such as ``A_log`` / ``D``."""
-    found: dict[int, torch.Tensor] = {}
-    for module in modules:
-        for param in module.parameters():
-            found.setdefault(id(param), param)
-        for pool, _ in getattr(module, "_lily_adapters", ()):
-            for param in pool.parameters():
-                found.setdefault(id(param), param)
-    for tensor in tensors:
-        found.setdefault(id(tensor), tensor)
-    return [t for t in found.values() if t.requires_grad]
 
 
 class _State:
@@ -108,6 +92,6 @@ def recompute(fn: Callable[..., Sequence[Any]], inputs: Sequence[torch.Tensor],
 
     ``fn`` returns a tuple; its floating-point tensors are differentiable, anything else is passed
     through. ``params`` are every trainable tensor ``fn`` reads besides ``inputs``
-    (:func:`core_parameters`): their gradients come from the recomputation. ``fn`` must not have side
-    effects that a second run would repeat (update caches outside it)."""
+    (:func:`~lily_ssm.modules.projection.read_parameters`): their gradients come from the recomputation. ``fn``
+    must not have side effects that a second run would repeat (update caches outside it)."""
     return _Recompute.apply(fn, len(inputs), *inputs, *params)

@@ -1,4 +1,4 @@
-"""Lazy access to the optional CUDA kernels (``mamba-ssm``, ``causal-conv1d``).
+"""Lazy access to the optional CUDA kernels (``mamba-ssm``, ``causal-conv1d``) (docs/design.md §8).
 
 Neither package imports without CUDA, so nothing here imports them until a CUDA tensor asks.
 Tests substitute reference functions with :func:`override` to exercise the kernel wiring on CPU.

@@ -1,4 +1,4 @@
-"""The Mamba-1 selective scan: dispatch to ``mamba-ssm`` on CUDA, a PyTorch reference elsewhere.
+"""The Mamba-1 selective scan: dispatch to ``mamba-ssm`` on CUDA, a PyTorch reference elsewhere (docs/design.md §8).
 
 Signatures and layouts follow ``mamba_ssm``: ``u, delta, z (batch, dim, seqlen)``, ``A (dim, state)``,
 ``B, C (batch, state, seqlen)``, ``D, delta_bias (dim,)``. The recurrence, per channel d and step t::

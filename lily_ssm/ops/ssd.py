@@ -1,4 +1,4 @@
-"""The Mamba-2 (SSD) scan: dispatch to ``mamba-ssm``'s chunked kernel on CUDA, PyTorch elsewhere.
+"""The Mamba-2 (SSD) scan: dispatch to ``mamba-ssm``'s chunked kernel on CUDA, PyTorch elsewhere (docs/design.md §8).
 
 Layouts follow ``mamba_ssm.ops.triton.ssd_combined.mamba_chunk_scan_combined``: ``x (batch, length,
 heads, head_dim)``, ``dt (batch, length, heads)``, ``A (heads,)``, ``B, C (batch, length, groups,

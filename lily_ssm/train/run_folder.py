@@ -1,44 +1,35 @@
-"""A training run's folder: whose run it is, and which of its checkpoints are complete.
+"""A run's folder (docs/design.md §6), the one mechanism behind ``lily-ssm train``, each ``lily-ssm vtab`` task and each
+ablation arm: whose run it is, which of its checkpoints are complete, one process at a time, and where to resume.
 
-``run.json`` records a fingerprint of the settings that change the result. A rerun with
-``training.resume`` continues only a folder whose fingerprint matches (a mismatch names the differing
-keys); a fresh run refuses a folder that holds another run's checkpoints or adapter unless
-``training.overwrite`` is set.
+``run.json`` records the fingerprint of the settings that change the result (from the run's
+:class:`~lily_ssm.config.record.ExperimentRecord`). A rerun continues only a folder whose fingerprint
+matches (a mismatch names the differing keys); a fresh run refuses a folder that holds another run's
+checkpoints or adapter unless ``overwrite`` is set.
 
-A checkpoint counts only when it is complete: the marker ``checkpoint_complete.json``, written last,
-lists every file of ``checkpoint-N/`` with its size and SHA-256. Resume takes the newest complete
-checkpoint, warning about (and removing) each newer one that is not.
+A checkpoint counts only when it is complete: the marker ``checkpoint_complete.json``, written last, lists
+every file of ``checkpoint-N/`` with its size and SHA-256. Resume takes the newest complete checkpoint,
+warning about (and removing) each newer one that is not. The folder is locked (an OS lock) for the run's life.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
 import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from ..utils.atomic import write_atomic
-from .config import ConfigError, ExperimentConfig
+from ..utils.atomic import atomic_folder, write_atomic
+from ..utils.lock import folder_lock
+from ..utils.sections import ConfigError
 
 RUN_RECORD = "run.json"
 CHECKPOINT_MARKER = "checkpoint_complete.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"  # a run's final adapter: its presence marks a used folder
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
-# Settings that do not change what a run computes, or that a rerun may change on purpose.
-_NOT_FINGERPRINTED = {"training": {"output_dir", "resume", "overwrite", "progress_bar", "logging_steps", "save_steps",
-                                   "save_total_limit", "report_to"}}
-_EXTENDABLE = ("training.epochs", "training.max_steps")  # a resumed run may train longer (with a warning)
-
-
-def fingerprint(config: ExperimentConfig) -> dict[str, Any]:
-    """``section.key -> value`` for every setting that changes the trained adapter."""
-    flat = {}
-    for section, values in config.to_dict().items():
-        for key, value in (values.items() if isinstance(values, dict) else ()):
-            if key not in _NOT_FINGERPRINTED.get(section, ()):
-                flat[f"{section}.{key}"] = value
-    return json.loads(json.dumps(flat, sort_keys=True, default=str))  # as it reads back from run.json
 
 
 def _file_digest(path: Path) -> dict[str, Any]:
@@ -74,39 +65,6 @@ def checkpoint_problem(folder: Path) -> str | None:
     return None
 
 
-def checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
-    """``(step, folder)`` of every ``checkpoint-N`` folder in ``run_dir``, oldest first."""
-    found = [(int(m.group(1)), p) for p in run_dir.iterdir() if p.is_dir() and (m := _CHECKPOINT.match(p.name))] \
-        if run_dir.is_dir() else []
-    return sorted(found)
-
-
-def latest_complete_checkpoint(run_dir: Path, log: Any = print, remove_skipped: bool = False) -> Path | None:
-    """The newest complete checkpoint of ``run_dir``; each newer incomplete one is reported (and removed
-    with ``remove_skipped``, so a resumed run does not write into a half-written folder)."""
-    for _, folder in reversed(checkpoints(run_dir)):
-        problem = checkpoint_problem(folder)
-        if problem is None:
-            return folder
-        log(f"warning: skipping {folder}: {problem}" + ("; removing it" if remove_skipped else ""))
-        if remove_skipped:
-            shutil.rmtree(folder)
-    return None
-
-
-def rotate_checkpoints(run_dir: Path, keep: int | None, best: str | None = None) -> None:
-    """Keep the newest ``keep`` complete checkpoints (and ``best``); remove older ones, complete or not."""
-    if keep is None:
-        return
-    found = checkpoints(run_dir)
-    complete = [folder for _, folder in found if checkpoint_problem(folder) is None]
-    kept = set(complete[-keep:]) | ({Path(best)} if best else set())
-    newest = complete[-1] if complete else None
-    for step, folder in found:
-        if folder not in kept and newest is not None and step < int(newest.name.split("-")[1]):
-            shutil.rmtree(folder)
-
-
 def differences_between(recorded: dict[str, Any], current: dict[str, Any],
                         skip: tuple[str, ...] = ()) -> list[str]:
     """``key: new now, old in the folder`` for each setting that differs (``skip`` aside)."""
@@ -115,79 +73,136 @@ def differences_between(recorded: dict[str, Any], current: dict[str, Any],
             if recorded.get(key) != current.get(key)]
 
 
-def _holds_results(run_dir: Path) -> bool:
-    """Whether ``run_dir`` holds anything a run produced: checkpoints or a final adapter."""
-    return bool(checkpoints(run_dir)) or (run_dir / "adapter_model.safetensors").is_file()
+class RunFolder:
+    """The folder of one run with settings ``fingerprint``.
 
-
-def prepare_run_folder(config: ExperimentConfig, log: Any = print, writer: bool = True) -> str | None:
-    """Check ``training.output_dir`` against this run and return the checkpoint to resume from (or None).
-
-    ``writer`` is the process that may change the folder (rank 0 of a distributed run): it records the
-    run's fingerprint, removes skipped incomplete checkpoints, and clears the folder for ``overwrite``.
+    ``extendable`` settings may differ on resume (a run trained for longer, with a warning); ``outputs``
+    are the files besides checkpoints that ``overwrite`` clears. ``writer`` is the process that may change
+    the folder (rank 0 of a distributed run). Errors name ``source`` (the config file).
     """
-    t = config.training
-    run_dir = Path(t.output_dir)
-    record_path = run_dir / RUN_RECORD
-    current = fingerprint(config)
-    recorded = None
-    if record_path.is_file():
+
+    def __init__(self, path: str | Path, fingerprint: dict[str, Any], *, source: str, what: str = "training run",
+                 extendable: tuple[str, ...] = (), outputs: tuple[str, ...] = (),
+                 log: Callable[[str], Any] = print, writer: bool = True) -> None:
+        self.path = Path(path)
+        self.fingerprint = fingerprint
+        self.source, self.what, self.extendable = source, what, extendable
+        self.outputs = (ADAPTER_WEIGHTS, *outputs)
+        self.log, self.writer = log, writer
+
+    def lock(self) -> contextlib.AbstractContextManager[Path]:
+        """Hold the folder's exclusive lock (one process per run folder)."""
+        return folder_lock(self.path, self.what)
+
+    def checkpoints(self) -> list[tuple[int, Path]]:
+        """``(step, folder)`` of every ``checkpoint-N`` folder, oldest first."""
+        run_dir = self.path
+        found = [(int(m.group(1)), p) for p in run_dir.iterdir() if p.is_dir() and (m := _CHECKPOINT.match(p.name))] \
+            if run_dir.is_dir() else []
+        return sorted(found)
+
+    def latest_complete(self, remove_skipped: bool = False) -> Path | None:
+        """The newest complete checkpoint; each newer incomplete one is reported (and removed with
+        ``remove_skipped``, so a resumed run does not write into a half-written folder)."""
+        for _, folder in reversed(self.checkpoints()):
+            problem = checkpoint_problem(folder)
+            if problem is None:
+                return folder
+            self.log(f"warning: skipping {folder}: {problem}" + ("; removing it" if remove_skipped else ""))
+            if remove_skipped:
+                shutil.rmtree(folder)
+        return None
+
+    def rotate(self, keep: int | None, best: str | None = None) -> None:
+        """Keep the newest ``keep`` complete checkpoints (and ``best``); remove older ones, complete or not."""
+        if keep is None:
+            return
+        found = self.checkpoints()
+        complete = [folder for _, folder in found if checkpoint_problem(folder) is None]
+        kept = set(complete[-keep:]) | ({Path(best)} if best else set())
+        newest = complete[-1] if complete else None
+        for step, folder in found:
+            if folder not in kept and newest is not None and step < int(newest.name.split("-")[1]):
+                shutil.rmtree(folder)
+
+    @contextlib.contextmanager
+    def new_checkpoint(self, step: int, keep: int | None = None) -> Iterator[Path]:
+        """Yield a temporary folder to write checkpoint ``step`` into; on success it is marked complete and
+        renamed into place in one step, then older checkpoints beyond ``keep`` go."""
+        with atomic_folder(self.path / f"checkpoint-{step}") as tmp:
+            yield tmp
+            mark_checkpoint_complete(tmp, step)
+        self.rotate(keep)
+
+    def holds_results(self) -> bool:
+        """Whether the folder holds anything a run produced: checkpoints or a final adapter."""
+        return bool(self.checkpoints()) or (self.path / ADAPTER_WEIGHTS).is_file()
+
+    def _recorded(self, path: Path) -> dict[str, Any] | None:
+        if not path.is_file():
+            return None
         try:
-            recorded = json.loads(record_path.read_text())["fingerprint"]
+            return json.loads(path.read_text())["fingerprint"]
         except (ValueError, KeyError, TypeError) as exc:
-            raise ConfigError(f"{record_path} is unreadable ({exc}); set training.overwrite: true to start "
-                              "over") from exc
-    used = _holds_results(run_dir)
+            raise ConfigError(f"{path} is unreadable ({exc}); set training.overwrite: true to start over") from exc
 
-    if t.resume is not False and t.resume is not None and not t.overwrite:
-        if isinstance(t.resume, str):  # an explicit checkpoint folder
-            checkpoint = Path(t.resume)
-            problem = checkpoint_problem(checkpoint) if checkpoint.is_dir() else "it is not a checkpoint folder"
-            if problem:
-                raise ConfigError(f"{config.source}: training.resume={t.resume!r}: {problem}")
-            beside = checkpoint.parent / RUN_RECORD
-            if beside.is_file():
-                _refuse_other_run(json.loads(beside.read_text())["fingerprint"], current, beside, config.source)
-            _record(record_path, current, writer)
-            return str(checkpoint)
-        if used and recorded is None:
-            raise ConfigError(f"{config.source}: training.output_dir {run_dir} holds checkpoints or an adapter but no "
-                              f"{RUN_RECORD}, so the settings they were trained with are unknown; set "
-                              "training.overwrite: true to start over, or choose another output_dir")
-        if used:
-            _refuse_other_run(recorded, current, record_path, config.source)
-            changed = differences_between({k: recorded.get(k) for k in _EXTENDABLE},
-                                          {k: current.get(k) for k in _EXTENDABLE})
-            if changed:
-                log(f"warning: resuming with {'; '.join(changed)}: the learning-rate schedule of the steps already "
-                    "taken followed the old length")
-            checkpoint = latest_complete_checkpoint(run_dir, log, remove_skipped=writer)
-            if checkpoint is None:
-                log(f"warning: {run_dir} holds no complete checkpoint; training starts from the beginning")
-            _record(record_path, current, writer)
-            return str(checkpoint) if checkpoint else None
-    elif used and not t.overwrite:
-        same = recorded is not None and not differences_between(recorded, current, _EXTENDABLE)
-        raise ConfigError(f"{config.source}: training.output_dir {run_dir} already holds the checkpoints or adapter of "
-                          f"{'an earlier run with these settings' if same else 'another run'}; set training.resume: "
-                          f"true to continue it{' (same settings only)' if not same else ''}, or training.overwrite: "
-                          "true to replace it")
-    if writer and t.overwrite and run_dir.is_dir():
-        for _, folder in checkpoints(run_dir):
-            shutil.rmtree(folder)
-        for name in ("adapter_model.safetensors", "adapter_config.json", "train_log.jsonl", RUN_RECORD):
-            (run_dir / name).unlink(missing_ok=True)
-    _record(record_path, current, writer)
-    return None
+    def prepare(self, resume: bool | str | None, overwrite: bool) -> Path | None:
+        """Check the folder against this run and return the checkpoint to resume from (or None).
 
+        ``resume``: true continues this run from its newest complete checkpoint; a path resumes from that
+        checkpoint; false refuses a folder that holds results. ``overwrite`` clears the folder instead."""
+        record_path = self.path / RUN_RECORD
+        recorded = self._recorded(record_path)
+        used = self.holds_results()
 
-def _refuse_other_run(recorded: dict[str, Any], current: dict[str, Any], where: Path, source: str) -> None:
-    differences = differences_between(recorded, current, _EXTENDABLE)
-    if differences:
-        raise ConfigError(f"{source}: cannot resume: {where} records another run's settings ({'; '.join(differences)});"
-                          " use another training.output_dir, or set training.overwrite: true to replace that run")
+        if resume is not False and resume is not None and not overwrite:
+            if isinstance(resume, str):  # an explicit checkpoint folder
+                checkpoint = Path(resume)
+                problem = checkpoint_problem(checkpoint) if checkpoint.is_dir() else "it is not a checkpoint folder"
+                if problem:
+                    raise ConfigError(f"{self.source}: training.resume={resume!r}: {problem}")
+                beside = self._recorded(checkpoint.parent / RUN_RECORD)
+                if beside is not None:
+                    self._refuse_other_run(beside, checkpoint.parent / RUN_RECORD)
+                self._record(record_path)
+                return checkpoint
+            if used and recorded is None:
+                raise ConfigError(f"{self.source}: {self.path} holds checkpoints or an adapter but no {RUN_RECORD}, so "
+                                  "the settings they were trained with are unknown; set training.overwrite: true to "
+                                  "start over, or choose another training.output_dir")
+            if used:
+                self._refuse_other_run(recorded, record_path)
+                changed = differences_between({k: recorded.get(k) for k in self.extendable},
+                                              {k: self.fingerprint.get(k) for k in self.extendable})
+                if changed:
+                    self.log(f"warning: resuming with {'; '.join(changed)}: the learning-rate schedule of the steps "
+                             "already taken followed the old length")
+                checkpoint = self.latest_complete(remove_skipped=self.writer)
+                if checkpoint is None:
+                    self.log(f"warning: {self.path} holds no complete checkpoint; training starts from the beginning")
+                self._record(record_path)
+                return checkpoint
+        elif used and not overwrite:
+            same = recorded is not None and not differences_between(recorded, self.fingerprint, self.extendable)
+            raise ConfigError(f"{self.source}: training.output_dir {self.path} already holds the checkpoints or "
+                              f"adapter of {'an earlier run with these settings' if same else 'another run'}; set "
+                              f"training.resume: true to continue it{' (same settings only)' if not same else ''}, or "
+                              "training.overwrite: true to replace it")
+        if self.writer and overwrite and self.path.is_dir():
+            for _, folder in self.checkpoints():
+                shutil.rmtree(folder)
+            for name in (*self.outputs, RUN_RECORD):
+                (self.path / name).unlink(missing_ok=True)
+        self._record(record_path)
+        return None
 
+    def _refuse_other_run(self, recorded: dict[str, Any], where: Path) -> None:
+        differences = differences_between(recorded, self.fingerprint, self.extendable)
+        if differences:
+            raise ConfigError(f"{self.source}: cannot resume: {where} records another run's settings "
+                              f"({'; '.join(differences)}); use another training.output_dir, or set "
+                              "training.overwrite: true to replace that run")
 
-def _record(path: Path, current: dict[str, Any], writer: bool) -> None:
-    if writer:
-        write_atomic(path, json.dumps({"fingerprint": current}, indent=1, sort_keys=True) + "\n")
+    def _record(self, path: Path) -> None:
+        if self.writer:
+            write_atomic(path, json.dumps({"fingerprint": self.fingerprint}, indent=1, sort_keys=True) + "\n")

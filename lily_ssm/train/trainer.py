@@ -21,19 +21,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments, set_seed
 
+from ..config.experiment import EXTENDABLE, NOT_FINGERPRINTED, ExperimentConfig
 from ..data.commonsense import DataError, load_train_dataset, tokenize_row
 from ..models.loading import load_model_and_tokenizer
 from ..persistence import load_adapter, save_adapter
-from ..report import parameter_report
 from ..tuners import apply_adapter
-from ..utils.atomic import append_line, write_atomic
-from ..utils.lock import folder_lock
-from .config import EXPERIMENT_NAME, ConfigError, ExperimentConfig
+from ..tuners.report import parameter_report
+from ..utils.atomic import append_line
+from ..utils.sections import ConfigError
 from .guards import all_finite, diverged
-from .run_folder import mark_checkpoint_complete, prepare_run_folder, rotate_checkpoints
+from .run_folder import RunFolder, mark_checkpoint_complete
 
 LOG_NAME = "train_log.jsonl"
 
@@ -42,9 +41,10 @@ class AdapterTrainer(Trainer):
     """``Trainer`` whose checkpoints hold only the adapter (plus the optimizer/scheduler state it keeps),
     marked complete when every file is written, and which stops at the first non-finite value."""
 
-    def __init__(self, *args: Any, log_path: str | Path | None = None, keep_checkpoints: int | None = None,
-                 **kwargs: Any) -> None:
+    def __init__(self, *args: Any, run_folder: RunFolder | None = None, log_path: str | Path | None = None,
+                 keep_checkpoints: int | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.run_folder = run_folder
         self.log_path = Path(log_path) if log_path else None
         self.keep_checkpoints = keep_checkpoints  # rotation happens here, after a checkpoint is complete
         self._last_log: tuple[float, int] | None = None
@@ -69,7 +69,8 @@ class AdapterTrainer(Trainer):
         if self.args.should_save:
             run_dir = Path(self._get_output_dir(trial=trial))
             mark_checkpoint_complete(run_dir / f"checkpoint-{self.state.global_step}", self.state.global_step)
-            rotate_checkpoints(run_dir, self.keep_checkpoints, self.state.best_model_checkpoint)
+            if self.run_folder is not None:
+                self.run_folder.rotate(self.keep_checkpoints, self.state.best_model_checkpoint)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
         load_adapter(self.accelerator.unwrap_model(model or self.model), resume_from_checkpoint)
@@ -148,50 +149,50 @@ def training_seconds(log_path: str | Path) -> float:
 
 def accumulation_steps(config: ExperimentConfig, world: int | None = None) -> int:
     """Micro-batches per optimizer step, so that ``micro_batch_size x steps x processes = batch_size``."""
-    t = config.training
+    training = config.training
     world = int(os.environ.get("WORLD_SIZE", "1")) if world is None else world
-    if t.batch_size % (t.micro_batch_size * world):
-        raise ConfigError(f"{config.source}: training.batch_size={t.batch_size} is not a multiple of "
-                          f"training.micro_batch_size={t.micro_batch_size} x {world} process(es); the "
+    if training.batch_size % (training.micro_batch_size * world):
+        raise ConfigError(f"{config.source}: training.batch_size={training.batch_size} is not a multiple of "
+                          f"training.micro_batch_size={training.micro_batch_size} x {world} process(es); the "
                           "effective batch would silently change")
-    return t.batch_size // (t.micro_batch_size * world)
+    return training.batch_size // (training.micro_batch_size * world)
 
 
 def _training_arguments(config: ExperimentConfig, has_eval: bool) -> TrainingArguments:
-    t = config.training
+    training = config.training
     best_at_end = config.data.protocol == "paper" and has_eval
-    if best_at_end and t.save_steps % t.eval_steps:
+    if best_at_end and training.save_steps % training.eval_steps:
         raise ConfigError(f"{config.source}: data.protocol: paper keeps the checkpoint with the lowest validation "
-                          f"loss, so training.save_steps={t.save_steps} must be a multiple of training.eval_steps="
-                          f"{t.eval_steps} (the published runs use 200 and 200)")
+                          f"loss, so training.save_steps={training.save_steps} must be a multiple of "
+                          f"training.eval_steps={training.eval_steps} (the published runs use 200 and 200)")
     accumulation = accumulation_steps(config)
     return TrainingArguments(
-        output_dir=t.output_dir,
-        num_train_epochs=t.epochs,
-        max_steps=t.max_steps,
-        per_device_train_batch_size=t.micro_batch_size,
-        per_device_eval_batch_size=t.micro_batch_size,
+        output_dir=training.output_dir,
+        num_train_epochs=training.epochs,
+        max_steps=training.max_steps,
+        per_device_train_batch_size=training.micro_batch_size,
+        per_device_eval_batch_size=training.micro_batch_size,
         gradient_accumulation_steps=accumulation,
-        learning_rate=t.learning_rate,
-        weight_decay=t.weight_decay,
-        warmup_steps=t.warmup_steps,
-        lr_scheduler_type=t.lr_scheduler,
-        logging_steps=t.logging_steps,
+        learning_rate=training.learning_rate,
+        weight_decay=training.weight_decay,
+        warmup_steps=training.warmup_steps,
+        lr_scheduler_type=training.lr_scheduler,
+        logging_steps=training.logging_steps,
         eval_strategy="steps" if has_eval else "no",
-        eval_steps=t.eval_steps if has_eval else None,
+        eval_steps=training.eval_steps if has_eval else None,
         save_strategy="steps",
-        save_steps=t.save_steps,
+        save_steps=training.save_steps,
         save_total_limit=None,  # AdapterTrainer rotates, once a checkpoint is complete
         load_best_model_at_end=best_at_end,
         metric_for_best_model="eval_loss" if best_at_end else None,
-        seed=t.seed,
-        bf16=t.bf16,
-        fp16=t.fp16,
-        activation_checkpointing=t.gradient_checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        seed=training.seed,
+        bf16=training.bf16,
+        fp16=training.fp16,
+        activation_checkpointing=training.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if training.gradient_checkpointing else None,
         include_num_input_tokens_seen="non_padding",
-        disable_tqdm=not t.progress_bar,
-        report_to=t.report_to,  # TensorBoard writes under <output_dir>/runs/ unless TENSORBOARD_LOGGING_DIR is set
+        disable_tqdm=not training.progress_bar,
+        report_to=training.report_to,  # TensorBoard: <output_dir>/runs/ unless TENSORBOARD_LOGGING_DIR is set
         remove_unused_columns=False,
         dataloader_pin_memory=torch.cuda.is_available(),
         use_cpu=not torch.cuda.is_available(),  # also makes accelerate set up gloo under torchrun on CPU
@@ -232,15 +233,15 @@ def count_untrained_rows(labels: list[list[int]]) -> int:
 
 
 def _check_targets(splits: Any, config: ExperimentConfig, log: Any) -> None:
-    d = config.data
+    data = config.data
     for name in splits:
         empty, total = count_untrained_rows(splits[name]["labels"]), len(splits[name])
         if not empty:
             continue
-        why = (f"{empty} of {total} {name} rows have no response token left within data.cutoff_len={d.cutoff_len}"
-               + (" (train_on_inputs: false masks their prompt)" if not d.train_on_inputs else ""))
+        why = (f"{empty} of {total} {name} rows have no response token left within data.cutoff_len={data.cutoff_len}"
+               + (" (train_on_inputs: false masks their prompt)" if not data.train_on_inputs else ""))
         if name == "train" and empty == total:
-            raise DataError(f"{d.train_file}: {why}, so training would learn nothing; raise data.cutoff_len")
+            raise DataError(f"{data.train_file}: {why}, so training would learn nothing; raise data.cutoff_len")
         log(f"warning: {why}; they add nothing to the {'loss' if name == 'train' else 'validation loss'}")
 
 
@@ -249,42 +250,46 @@ def run_training(config: ExperimentConfig, log: Any = print) -> dict[str, Any]:
     ``training.output_dir``. Returns the trainer's metrics and where things were written.
 
     The folder is locked for the run's whole life and checked against it first (see
-    :func:`~lily_ssm.train.run_folder.prepare_run_folder`); under ``torchrun`` only rank 0 writes."""
+    :meth:`~lily_ssm.train.run_folder.RunFolder.prepare`); under ``torchrun`` only rank 0 writes."""
     adapter_config = config.adapter_config()
-    d, t = config.data, config.training
-    args = _training_arguments(config, d.val_set_size > 0)  # under torchrun: joins the process group
+    data, training = config.data, config.training
+    args = _training_arguments(config, data.val_set_size > 0)  # under torchrun: joins the process group
     main = args.process_index == 0
     log = log if main else (lambda *_: None)
-    out = Path(t.output_dir)
+    out = Path(training.output_dir)
+    record = config.record()
+    run = RunFolder(out, record.fingerprint(NOT_FINGERPRINTED), source=config.source, extendable=EXTENDABLE,
+                    outputs=("adapter_config.json", LOG_NAME), log=log)
     with contextlib.ExitStack() as stack:
         def prepare() -> str | None:
-            stack.enter_context(folder_lock(out, "training run"))
-            checkpoint = prepare_run_folder(config, log)
-            write_atomic(out / EXPERIMENT_NAME, yaml.safe_dump(config.to_dict(), sort_keys=False))
-            return checkpoint
+            stack.enter_context(run.lock())
+            checkpoint = run.prepare(training.resume, training.overwrite)
+            record.write(out)
+            return str(checkpoint) if checkpoint else None
 
         checkpoint = _on_rank_zero(args, prepare)  # before the model loads: a refused folder costs nothing
-        m = config.model
-        model, tokenizer = load_model_and_tokenizer(m.name_or_path, m.dtype, m.device_map, m.tokenizer,
-                                                    m.trust_remote_code)
-        set_seed(t.seed)  # the adapter's initial weights are part of the run
+        model, tokenizer = load_model_and_tokenizer(config.model.name_or_path, config.model.dtype,
+                                                    config.model.device_map, config.model.tokenizer,
+                                                    config.model.trust_remote_code)
+        set_seed(training.seed)  # the adapter's initial weights are part of the run
         apply_adapter(model, adapter_config)
         log(str(parameter_report(model)))
 
-        splits = load_train_dataset(d.train_file, d.val_set_size, t.seed)
+        splits = load_train_dataset(data.train_file, data.val_set_size, training.seed)
         columns = splits["train"].column_names
-        splits = splits.map(lambda row: tokenize_row(row, tokenizer, d.cutoff_len, d.train_on_inputs, d.add_eos,
-                                                     d.protocol), remove_columns=columns)
+        splits = splits.map(lambda row: tokenize_row(row, tokenizer, data.cutoff_len, data.train_on_inputs,
+                                                     data.add_eos, data.protocol), remove_columns=columns)
         _check_targets(splits, config, log)
         trainer = AdapterTrainer(
             model=model,
             args=args,
             train_dataset=splits["train"],
             eval_dataset=splits.get("validation"),
-            data_collator=training_collator(tokenizer, d.protocol),
+            data_collator=training_collator(tokenizer, data.protocol),
             processing_class=tokenizer,
+            run_folder=run,
             log_path=out / LOG_NAME,
-            keep_checkpoints=t.save_total_limit,
+            keep_checkpoints=training.save_total_limit,
         )
         for engine, enabled in (("FSDP", trainer.is_fsdp_enabled), ("DEEPSPEED", trainer.is_deepspeed_enabled)):
             if os.environ.get(f"ACCELERATE_USE_{engine}", "").lower() == "true" and not enabled:

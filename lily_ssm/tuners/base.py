@@ -1,4 +1,5 @@
-"""Machinery shared by every adapter method: the adapter pool interface and the adapted linear layer.
+"""Machinery shared by every adapter method (docs/design.md §2): the adapter pool interface and the adapted linear
+layer.
 
 An adapter method (Lily, LoRA) is a :class:`AdapterPool` per target type holding that type's
 trainable tensors, plus a :class:`AdapterConfig` that builds the pools. Injection turns each target
@@ -10,7 +11,8 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from dataclasses import asdict, dataclass, fields
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, ClassVar
 
 import torch
@@ -123,6 +125,10 @@ class AdapterConfig(ABC):
         values.update(overrides.get(key, {}) if key != base_key else {})
         return values
 
+    def target_config(self, key: str) -> AdapterConfig:
+        """This config as target type ``key`` sees it: its overrides applied, none left (what its pool reads)."""
+        return replace(self, **{**self.for_target(key), "overrides": {}})
+
     def check_overrides(self, group_keys: list[str]) -> None:
         overrides = getattr(self, "overrides", {}) or {}
         known = set(group_keys) | {k.split("[", 1)[0] for k in group_keys}
@@ -185,15 +191,17 @@ class AdaptedLinear(nn.Linear):
                 out[..., start:stop] += delta
         return out
 
+    def forward_without_bias(self, x: torch.Tensor) -> torch.Tensor:
+        """The adapted projection of ``x`` without the bias (:class:`lily_ssm.modules.projection.Projection`)."""
+        return self(x, add_bias=False)
+
+    def shared_parameters(self) -> Iterator[nn.Parameter]:
+        """The adapter pools' parameters this module reads (:class:`lily_ssm.modules.projection.Projection`)."""
+        for pool, _ in self._lily_adapters:
+            yield from pool.parameters()
+
     def extra_repr(self) -> str:
         adapters = ", ".join(f"{pool.group.key}[{slot.position}]" for pool, slot in self._lily_adapters)
         return f"{super().extra_repr()}, adapter={adapters}"
 
 
-def linear_without_bias(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``module(x)`` minus the bias, and the bias: the split the scan kernels take Δ in."""
-    if isinstance(module, AdaptedLinear):
-        return module(x, add_bias=False), module.bias
-    if type(module) is nn.Linear:
-        return F.linear(x, module.weight), module.bias
-    raise TypeError(f"expected an nn.Linear projection, got {type(module).__name__}")

@@ -1,5 +1,5 @@
-"""No adapter is ever silently dead: on the first forward of each kind, check that every adapted module
-whose parent ran was called through its adapter.
+"""No adapter is ever silently dead (docs/design.md §3): on the first forward of each kind, check that every adapted
+module whose parent ran was called through its adapter.
 
 A model can compute with a projection's weight directly (transformers' Mamba-1 mixers do
 ``dt_proj.weight @ time_step``; the Mamba-2 CUDA training path hands ``out_proj.weight`` to a fused

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..modules.mamba_mixer import patch_mamba_mixers
+from ..modules.registry import patch_mamba_mixers
 from .base import AdaptedLinear, AdapterConfig, AdapterPool
 from .blocks import attach_parallel, detach_parallel
 from .liveness import LivenessCheck, install_liveness_check

@@ -1,4 +1,4 @@
-"""What the routers need from outside the layer they sit in.
+"""What the routers need from outside the layer they sit in (docs/design.md §4).
 
 Linear layers only see their input tensor, but Lily's ``sequence`` and ``causal`` routing need the
 attention mask (padding must not vote) and, during cached decoding, the router statistics of the

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from ..modules.registry import MAMBA1_MIXERS, MAMBA2_MIXERS
 from .blocks import BLOCKS_HELP, block_kind, block_widths
 
 _PLAIN_NAME = re.compile(r"^[A-Za-z_][\w.]*$")
@@ -31,7 +32,7 @@ class TargetModule:
 
     name: str
     layer_index: int | None
-    position: int  # ℓ in DESIGN.md §2: rank of the layer among the type's adapted layers
+    position: int  # ℓ in docs/design.md §2: rank of the layer among the type's adapted layers
     in_features: int
     out_features: int  # of the adapted part
     part: str | None = None  # e.g. "x" for in_proj.x; None for the whole output
@@ -81,11 +82,6 @@ def _suffix_match(name: str, suffix: str) -> bool:
     return name == suffix or name.endswith("." + suffix)
 
 
-# Mixers whose in_proj is [x, z] and whose x_proj is [dt, B, C] (transformers' and lily-ssm's Vim).
-MAMBA1_MIXERS = ("MambaMixer", "FalconMambaMixer", "JambaMambaMixer", "VimMixer")
-# transformers' Mamba-2 mixers: in_proj is [z, x, B, C, dt] (after any MLP halves), no x_proj or dt_proj.
-MAMBA2_MIXERS = ("Mamba2Mixer", "BambaMixer", "FalconH1Mixer", "NemotronHMamba2Mixer", "Zamba2MambaMixer",
-                 "GraniteMoeHybridMambaLayer")
 # Output parts of Mamba projections that can be adapted on their own, in output order.
 PARTS = {"in_proj": ("x", "z"), "x_proj": ("dt", "B", "C")}
 MAMBA2_PARTS = ("z", "x", "B", "C", "dt")
@@ -275,9 +271,9 @@ def _make_group(key: str, members: list[_Slot]) -> TargetGroup:
                        members[0].activation)
 
 
-def a_group(position: int, num_layers: int, num_a: int, stride: int | None = None) -> int:
+def a_group(position: int, num_layers: int, num_A: int, stride_A: int | None = None) -> int:
     """Which locally shared A expert layer ``position`` uses: contiguous, balanced blocks, or with
     ``stride`` blocks of ``stride`` layers (PEFT's ``stride_A`` and the published code)."""
-    if stride is not None:
-        return position // stride
-    return position * num_a // num_layers
+    if stride_A is not None:
+        return position // stride_A
+    return position * num_A // num_layers

@@ -1,4 +1,4 @@
-"""Lily's configuration (DESIGN.md §2)."""
+"""Lily's configuration (docs/design.md §2)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from torch import nn
 from ..base import AdapterConfig, AdapterPool, check_dropout, check_positive_ints
 from ..routing import RoutingContext, is_causal_lm
 from ..targets import TargetGroup
+from .layer import LilyPool
 
 ROUTING_MODES = ("sequence", "causal", "token", "batch")
 ROUTER_PLACEMENTS = ("layer", "group", "global")
@@ -94,40 +95,21 @@ class LilyConfig(AdapterConfig):
 
     def build_pool(self, group: TargetGroup, context: RoutingContext, dtype: torch.dtype,
                    device: torch.device) -> AdapterPool:
-        from .layer import LilyPool
-
-        values = self.for_target(group.key)
-        check_positive_ints({k: values[k] for k in ("r", "num_A", "num_B")}, f" for target {group.key!r}")
+        config = self.target_config(group.key)
         where = f" for target {group.key!r}"
-        if values["num_A"] > group.num_layers:
-            raise ValueError(
-                f"num_A={values['num_A']}{where}, but only {group.num_layers} layers have it; "
-                f"num_A must be between 1 and {group.num_layers}"
-            )
-        check_dropout(values["dropout"])
-        stride = values["stride_A"]
-        if stride is not None:
-            check_positive_ints({"stride_A": stride}, where)
-            needed = -(-group.num_layers // stride)
-            if values["num_A"] != needed:
-                raise ValueError(f"stride_A={stride}{where} groups its {group.num_layers} layers into {needed} A "
-                                 f"experts (layer ℓ uses A number ℓ // {stride}); set num_A={needed}, not "
-                                 f"{values['num_A']}")
-        return LilyPool(
-            group,
-            r=values["r"],
-            num_a=values["num_A"],
-            num_b=values["num_B"],
-            scaling=float(values["scaling"]),
-            dropout=values["dropout"],
-            dropout_after_a=self.dropout_position == "after_A",
-            stride_a=stride,
-            routing=self.routing,
-            router=self.router,
-            context=context,
-            dtype=dtype,
-            device=device,
-        )
+        check_positive_ints({"r": config.r, "num_A": config.num_A, "num_B": config.num_B}, where)
+        if config.num_A > group.num_layers:
+            raise ValueError(f"num_A={config.num_A}{where}, but only {group.num_layers} layers have it; "
+                             f"num_A must be between 1 and {group.num_layers}")
+        check_dropout(config.dropout)
+        if config.stride_A is not None:
+            check_positive_ints({"stride_A": config.stride_A}, where)
+            needed = -(-group.num_layers // config.stride_A)
+            if config.num_A != needed:
+                raise ValueError(f"stride_A={config.stride_A}{where} groups its {group.num_layers} layers into "
+                                 f"{needed} A experts (layer ℓ uses A number ℓ // {config.stride_A}); set "
+                                 f"num_A={needed}, not {config.num_A}")
+        return LilyPool(group, config, context, dtype, device)
 
 
 def lookahead_problem(routing: str, allow_lookahead: bool = False, train_on_inputs: bool | None = None) -> str | None:

@@ -1,6 +1,8 @@
-"""Lily's computation for one target type (paper §3, Eq. 1-4; DESIGN.md §2)."""
+"""Lily's computation for one target type (paper §3, Eq. 1-4; docs/design.md §2)."""
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -9,30 +11,31 @@ from ..base import AdapterPool, down_project, kaiming_uniform_
 from ..routing import RouterStats, RoutingContext
 from ..targets import TargetGroup, TargetModule, a_group
 
+if TYPE_CHECKING:  # the config builds the pool (config -> layer); the pool only reads it
+    from .config import LilyConfig
+
 
 class LilyPool(AdapterPool):
-    """A experts ``(num_A, in, r)``, B experts ``(num_B, r, out)`` and routers ``(n, num_B, r)``.
+    """A experts ``(num_A, in, r)``, B experts ``(num_B, r, out)`` and routers ``(n, num_B, r)`` of one target
+    type, built from ``config`` (its :meth:`~LilyConfig.target_config`, per-target overrides applied).
 
-    Routers exist only when ``num_B > 1``: with a single B expert the mix is always 1.
+    Routers exist only when ``num_B > 1``: with a single B expert the mix is always 1. ``config.router`` places
+    them: one per ``layer``, per A ``group``, or one ``global``.
     """
 
-    def __init__(self, group: TargetGroup, *, r: int, num_a: int, num_b: int, scaling: float, dropout: float,
-                 routing: str, router: str, context: RoutingContext, dtype: torch.dtype,
-                 device: torch.device, dropout_after_a: bool = False, stride_a: int | None = None) -> None:
+    def __init__(self, group: TargetGroup, config: LilyConfig, context: RoutingContext, dtype: torch.dtype,
+                 device: torch.device) -> None:
         super().__init__(group)
-        self.r, self.num_a, self.num_b, self.stride_a = r, num_a, num_b, stride_a
-        self.dropout_after_a = dropout_after_a
-        self.scaling, self.routing, self.router_placement = scaling, routing, router
-        self.context = context
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.config, self.context = config, context
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         factory = {"dtype": dtype, "device": device}
-        self.A = nn.Parameter(torch.empty(num_a, group.in_features, r, **factory))
-        self.B = nn.Parameter(torch.zeros(num_b, r, group.out_features, **factory))
+        self.A = nn.Parameter(torch.empty(config.num_A, group.in_features, config.r, **factory))
+        self.B = nn.Parameter(torch.zeros(config.num_B, config.r, group.out_features, **factory))
         kaiming_uniform_(self.A, fan_in=group.in_features)
-        if num_b > 1:
-            n_routers = {"layer": group.num_layers, "group": num_a, "global": 1}[router]
-            self.router = nn.Parameter(torch.empty(n_routers, num_b, r, **factory))
-            kaiming_uniform_(self.router, fan_in=r)
+        if config.num_B > 1:
+            n_routers = {"layer": group.num_layers, "group": config.num_A, "global": 1}[config.router]
+            self.router = nn.Parameter(torch.empty(n_routers, config.num_B, config.r, **factory))
+            kaiming_uniform_(self.router, fan_in=config.r)
         else:
             self.register_parameter("router", None)
 
@@ -43,28 +46,28 @@ class LilyPool(AdapterPool):
         return kinds
 
     def a_index(self, slot: TargetModule) -> int:
-        return a_group(slot.position, self.group.num_layers, self.num_a, self.stride_a)
+        return a_group(slot.position, self.group.num_layers, self.config.num_A, self.config.stride_A)
 
     def router_index(self, slot: TargetModule) -> int:
-        if self.router_placement == "layer":
+        if self.config.router == "layer":
             return slot.position
-        return self.a_index(slot) if self.router_placement == "group" else 0
+        return self.a_index(slot) if self.config.router == "group" else 0
 
     def delta(self, x: torch.Tensor, slot: TargetModule) -> torch.Tensor:
         lead, seq = x.shape[:-1], _as_sequences(x)
         A = self.A[self.a_index(slot)]
-        if self.dropout_after_a:  # the router and B read the dropped activations (the published Vim code)
+        if self.config.dropout_position == "after_A":  # the router and B read the dropped activations (Vim code)
             h = self.dropout(down_project(seq, A, nn.Identity()))  # (N, T, r)
         else:
             h = down_project(seq, A, self.dropout)
         h = self.activate(h)  # a block target's nonlinearity: the router and B read relu(x A) (published ViT code)
-        scaled = h * self.scaling  # scaling in rank space: r values per token, not out
+        scaled = h * self.config.scaling  # scaling in rank space: r values per token, not out
         if self.router is None:
             out = scaled @ self.B[0]
         else:
             probs = torch.softmax((h @ self.router[self.router_index(slot)].T).float(), dim=-1)  # (N, T, E)
             # a 2-D input (e.g. a pooled vector) has no token axis for the attention mask to describe
-            weights = mix_weights(probs, self.routing, self.context, slot.key, masked=x.dim() > 2)
+            weights = mix_weights(probs, self.config.routing, self.context, slot.key, masked=x.dim() > 2)
             if self.context.recorder is not None:
                 mask = self.context.token_mask(*probs.shape[:2]) if x.dim() > 2 else None
                 self.context.recorder.add(slot.key, weights, mask)

@@ -10,6 +10,7 @@ import torch
 from ..base import AdapterConfig, AdapterPool, check_dropout, check_positive_ints
 from ..routing import RoutingContext
 from ..targets import TargetGroup
+from .layer import LoraPool
 
 
 @dataclass
@@ -37,10 +38,6 @@ class LoraConfig(AdapterConfig):
 
     def build_pool(self, group: TargetGroup, context: RoutingContext, dtype: torch.dtype,
                    device: torch.device) -> AdapterPool:
-        from .layer import LoraPool
-
-        values = self.for_target(group.key)
-        r = values["r"]
-        check_positive_ints({"r": r}, f" for target {group.key!r}")
-        return LoraPool(group, r=r, scaling=float(values["alpha"]) / r, dropout=self.dropout,
-                        dtype=dtype, device=device)
+        config = self.target_config(group.key)
+        check_positive_ints({"r": config.r}, f" for target {group.key!r}")
+        return LoraPool(group, config, dtype, device)

@@ -2,25 +2,31 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
 from ..base import AdapterPool, down_project, kaiming_uniform_
 from ..targets import TargetGroup, TargetModule
 
+if TYPE_CHECKING:  # the config builds the pool (config -> layer); the pool only reads it
+    from .config import LoraConfig
+
 
 class LoraPool(AdapterPool):
-    """Per-module A ``(M, in, r)`` and B ``(M, r, out)``, stacked over the type's M modules."""
+    """Per-module A ``(M, in, r)`` and B ``(M, r, out)``, stacked over the type's M modules, built from ``config``
+    (its :meth:`~LoraConfig.target_config`, per-target overrides applied); the update is scaled by alpha / r."""
 
-    def __init__(self, group: TargetGroup, *, r: int, scaling: float, dropout: float, dtype: torch.dtype,
-                 device: torch.device) -> None:
+    def __init__(self, group: TargetGroup, config: LoraConfig, dtype: torch.dtype, device: torch.device) -> None:
         super().__init__(group)
-        self.r, self.scaling = r, scaling
+        self.config = config
+        self.scaling = float(config.alpha) / config.r
         self.index = {m.key: i for i, m in enumerate(group.modules)}
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         count = len(group.modules)
-        self.A = nn.Parameter(torch.empty(count, group.in_features, r, dtype=dtype, device=device))
-        self.B = nn.Parameter(torch.zeros(count, r, group.out_features, dtype=dtype, device=device))
+        self.A = nn.Parameter(torch.empty(count, group.in_features, config.r, dtype=dtype, device=device))
+        self.B = nn.Parameter(torch.zeros(count, config.r, group.out_features, dtype=dtype, device=device))
         kaiming_uniform_(self.A, fan_in=group.in_features)
 
     def parameter_kinds(self) -> dict[str, nn.Parameter]:

@@ -23,11 +23,12 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
+from ..modules.registry import MAMBA2_MIXERS
 from ..tuners import LilyConfig, LoraConfig
 from ..tuners.base import AdapterConfig
 from ..tuners.model import SAVED_PREFIX, plan_pools, pool_tensors
 from ..tuners.routing import RoutingContext, is_causal_lm
-from ..tuners.targets import MAMBA2_MIXERS, TargetGroup, find_targets
+from ..tuners.targets import TargetGroup, find_targets
 from ..utils.atomic import write_atomic
 from ..utils.safe_load import AdapterLoadError, check_adapter_tensor
 
@@ -232,12 +233,12 @@ def peft_to_lily(model: nn.Module, config: dict[str, Any], tensors: dict[str, to
             out[f"{group.key}.A"] = torch.stack([t["lora_A"].T for _, t in slots])
             out[f"{group.key}.B"] = torch.stack([t["lora_B"].T for _, t in slots])
             continue
-        r, num_b = pool.r, pool.num_b
+        r, num_B = pool.config.r, pool.config.num_B
         a = [_one_copy([t["lily_A"].T for s, t in slots if pool.a_index(s) == g], f"lily_A of {group.key} group {g}",
-                       where) for g in range(pool.num_a)]
+                       where) for g in range(pool.config.num_A)]
         out[f"{group.key}.A"] = torch.stack(a)
         b = _one_copy([t["lily_B"] for _, t in slots], f"lily_B of {group.key}", where)
-        out[f"{group.key}.B"] = b.reshape(num_b, r, group.out_features)
+        out[f"{group.key}.B"] = b.reshape(num_B, r, group.out_features)
         if pool.router is not None:
             out[f"{group.key}.router"] = torch.stack([
                 _one_copy([t["lily_router"] for s, t in slots if pool.router_index(s) == i],

@@ -1,4 +1,5 @@
-"""Saving and loading adapters: ``adapter_config.json`` + ``adapter_model.safetensors``.
+"""lily-ssm's adapter folders (docs/design.md §6): ``adapter_config.json`` + ``adapter_model.safetensors``; PEFT folders
+load too.
 
 Every shared tensor is stored once (the pools, not per-layer views). The config records the base
 model's architecture and dimensions, the adapted modules' shapes, each tensor's shape and dtype, a
@@ -20,13 +21,10 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
-from .interop import peft
-from .interop.hub import resolve_adapter
-from .tuners import config_from_dict
-from .tuners.base import AdapterConfig
-from .tuners.model import (
+from ..tuners import config_from_dict
+from ..tuners.base import AdapterConfig
+from ..tuners.model import (
     ADAPTER_ATTR,
-    SAVED_PREFIX,
     adapter_content_sha256,
     apply_adapter,
     describe_base_model,
@@ -38,9 +36,11 @@ from .tuners.model import (
     plan_pools,
     pool_tensors,
 )
-from .tuners.routing import RoutingContext
-from .utils.atomic import write_atomic
-from .utils.safe_load import AdapterLoadError, check_adapter_tensor, dtype_name
+from ..tuners.routing import RoutingContext
+from ..utils.atomic import write_atomic
+from ..utils.safe_load import AdapterLoadError, check_adapter_tensor, dtype_name
+from . import peft
+from .hub import resolve_adapter
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -65,10 +65,12 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, format: str = "lily"
     adapter = peft.Translated(state.config, list(state.groups.values()), tensors)
     if format == "peft":
         return peft.write_peft_folder(path, *peft.lily_to_peft(model, adapter))
-    return _write_adapter(path, adapter, state.base_model)
+    return write_adapter(path, adapter, state.base_model)
 
 
-def _write_adapter(path: str | os.PathLike, adapter: peft.Translated, base_model: dict[str, Any]) -> Path:
+def write_adapter(path: str | os.PathLike, adapter: peft.Translated, base_model: dict[str, Any]) -> Path:
+    """Write ``adapter`` (a config, its target groups and tensors) for ``base_model`` (as
+    :func:`~lily_ssm.tuners.model.describe_base_model` gives it) into the folder ``path``."""
     folder = Path(path)
     tensors = adapter.tensors
     payload = save_safetensors(tensors, metadata={"format": "pt", "method": adapter.config.method})
@@ -185,7 +187,8 @@ def _parse_config(folder: Path, meta: dict[str, Any]) -> AdapterConfig:
         raise AdapterLoadError(f"{folder / CONFIG_NAME}: config: {exc}") from exc
 
 
-def _compare(expected: dict[str, Any], actual: dict[str, Any], what: str) -> list[str]:
+def differences(expected: dict[str, Any], actual: dict[str, Any], what: str) -> list[str]:
+    """``<what> key: adapter has X, model has Y`` for each key whose values differ."""
     return [f"{what} {key}: adapter has {expected.get(key)!r}, model has {actual.get(key)!r}"
             for key in sorted(set(expected) | set(actual)) if expected.get(key) != actual.get(key)]
 
@@ -252,7 +255,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, revision: str | N
     the same config) and return it. Nothing is changed if the adapter does not fit the model, holds
     NaN or infinite values (unless ``allow_non_finite``), or was already merged into ``model``.
 
-    A PEFT adapter folder (LoRA or Lily) loads too, with PEFT's semantics (see :mod:`.interop.peft`), and
+    A PEFT adapter folder (LoRA or Lily) loads too, with PEFT's semantics (see :mod:`.peft`), and
     ``path`` may be a Hugging Face Hub id (``org/name``, at ``revision``: a branch, tag or commit).
     """
     folder = resolve_adapter(path, revision)
@@ -266,9 +269,9 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, revision: str | N
     config = _parse_config(folder, meta)
     _check_existing(model, config)
     made_for, actual = meta["base_model"], describe_base_model(model)
-    problems = _compare({"architecture": made_for.get("architecture")}, {"architecture": actual["architecture"]},
+    problems = differences({"architecture": made_for.get("architecture")}, {"architecture": actual["architecture"]},
                         "base model")
-    problems += _compare(made_for.get("dimensions", {}), actual["dimensions"], "config")
+    problems += differences(made_for.get("dimensions", {}), actual["dimensions"], "config")
     shapes: dict[str, list[int]] = {}
     if not problems:
         try:
@@ -276,7 +279,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, *, revision: str | N
         except ValueError as exc:
             problems.append(str(exc))
         else:
-            problems += _compare(meta["modules"], modules, "module")
+            problems += differences(meta["modules"], modules, "module")
     if problems:
         raise AdapterLoadError(
             f"adapter {folder} was made for a different base model ({made_for.get('architecture')}): "
@@ -324,60 +327,3 @@ def _planned_layout(model: nn.Module, config: AdapterConfig) -> tuple[dict[str, 
     modules = {m.key: [m.in_features, m.out_features] for g in groups for m in g.modules}
     tensors = {**pool_tensors(pools), **modules_to_save_params(model, list(getattr(config, "modules_to_save", [])))}
     return modules, {key: list(p.shape) for key, p in tensors.items()}
-
-
-def convert_adapter(source: str | os.PathLike, destination: str | os.PathLike, to: str,
-                    model: str | None = None) -> Path:
-    """Rewrite an adapter folder in the other format without loading the base model's weights (its
-    architecture is built on the meta device): ``to="lily"`` reads a PEFT folder, ``to="peft"`` one of
-    lily-ssm's. ``model`` names the base model (hub id or folder); by default the one the PEFT config
-    or the adapter's ``experiment.yaml`` records."""
-    from .models.loading import build_meta_model
-
-    if to not in SAVE_FORMATS:
-        raise ValueError(f"to={to!r}; choose one of {', '.join(SAVE_FORMATS)}")
-    source = resolve_adapter(source)
-    is_peft = peft.is_peft_folder(source)
-    if is_peft != (to == "lily"):
-        kind = "a PEFT" if is_peft else "a lily-ssm"
-        raise AdapterLoadError(f"{source} is {kind} adapter folder; convert it with "
-                               f"{'--from-peft' if is_peft else '--to-peft'}")
-    if to == "lily":
-        config, raw = peft.read_peft_folder(source)
-        base = _base_model_name(model, config.get("base_model_name_or_path"), source)
-        meta_model = build_meta_model(base)
-        adapter = peft.peft_to_lily(meta_model, config, raw, where=source)
-        return _write_adapter(destination, adapter, describe_base_model(meta_model))
-    meta, tensors = read_adapter(source)
-    config = config_from_dict(meta["config"])
-    base = _base_model_name(model, _recorded_model(source), source)
-    meta_model = build_meta_model(base)
-    made_for, actual = meta["base_model"], describe_base_model(meta_model)
-    problems = _compare(made_for.get("dimensions", {}), actual["dimensions"], "config")
-    if made_for.get("architecture") != actual["architecture"] or problems:
-        raise AdapterLoadError(f"adapter {source} was made for {made_for.get('architecture')}, not {base} "
-                               f"({actual['architecture']}): " + "; ".join(problems[:4]))
-    groups, pools = plan_pools(meta_model, config, RoutingContext(), device=torch.device("meta"))
-    planned = {key: list(p.shape) for key, p in pool_tensors(pools).items()}
-    stored = {key: list(t.shape) for key, t in tensors.items() if not key.startswith(SAVED_PREFIX)}
-    if modules_shapes(groups) != meta["modules"] or planned != stored:
-        raise AdapterLoadError(f"adapter {source} does not fit {base}: its modules or tensor shapes differ from the "
-                               "ones its config gives on that model")
-    return peft.write_peft_folder(destination, *peft.lily_to_peft(meta_model, peft.Translated(config, groups,
-                                                                                               tensors)))
-
-
-def _recorded_model(folder: Path) -> str | None:
-    from .train.config import read_experiment_record
-
-    record = read_experiment_record(folder)
-    section = record[1].get("model") if record else None
-    return section.get("name_or_path") if isinstance(section, dict) else None
-
-
-def _base_model_name(given: str | None, recorded: str | None, source: Path) -> str:
-    if given:
-        return given
-    if isinstance(recorded, str) and recorded:
-        return recorded
-    raise ValueError(f"{source} does not record its base model; name it with --model (a hub id or local folder)")

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .tuners.model import get_adapter_state
+from .model import get_adapter_state
 
 
 @dataclass(frozen=True)

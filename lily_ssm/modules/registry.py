@@ -1,0 +1,51 @@
+"""Which transformers mixers lily-ssm owns, and giving them its module-calling forwards (docs/design.md §3).
+
+transformers' Mamba-1 mixers compute ``dt_proj.weight @ time_step`` and its fused CUDA paths take projection
+weights instead of calling the modules, so adapters on them would silently do nothing. Every mixer class
+named here gets lily-ssm's forward instead: same function, every projection called as a module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from types import MethodType
+from typing import Any
+
+from torch import nn
+
+from .mamba2_mixer import mamba2_mixer_forward
+from .mamba_mixer import mamba_mixer_forward
+
+# Mixers whose in_proj is [x, z] and whose x_proj is [dt, B, C] (transformers' and lily-ssm's Vim).
+MAMBA1_MIXERS = ("MambaMixer", "FalconMambaMixer", "JambaMambaMixer", "VimMixer")
+# transformers' Mamba-2 mixers: in_proj is [z, x, B, C, dt] (after any MLP halves), no x_proj or dt_proj.
+MAMBA2_MIXERS = ("Mamba2Mixer", "BambaMixer", "FalconH1Mixer", "NemotronHMamba2Mixer", "Zamba2MambaMixer",
+                 "GraniteMoeHybridMambaLayer")
+
+
+def owned_forward(module: nn.Module) -> Callable[..., Any] | None:
+    """The module-calling forward lily-ssm has for ``module``'s class (a transformers Mamba-1 or Mamba-2
+    mixer), or None."""
+    if not type(module).__module__.startswith("transformers."):
+        return None
+    name = type(module).__name__
+    return mamba_mixer_forward if name in MAMBA1_MIXERS else mamba2_mixer_forward if name in MAMBA2_MIXERS else None
+
+
+def patch_mamba_mixers(model: nn.Module) -> int:
+    """Give every transformers Mamba-1 / Mamba-2 mixer in ``model`` the module-calling forward; returns how
+    many."""
+    count = 0
+    for module in model.modules():
+        forward = owned_forward(module)
+        if forward is not None and "forward" not in module.__dict__:
+            module.forward = MethodType(forward, module)
+            count += 1
+    return count
+
+
+def unpatch_mamba_mixers(model: nn.Module) -> None:
+    """Give the mixers :func:`patch_mamba_mixers` patched their own forward back."""
+    for module in model.modules():
+        if owned_forward(module) is not None and "forward" in module.__dict__:
+            del module.forward
