@@ -14,6 +14,18 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 MAMBA_TARGETS = ("in_proj", "dt_proj", "x_proj", "out_proj")
 
 
+def output_cache(output):
+    """The decoding cache a transformers model returned (``cache`` from 5.24, ``cache_params`` before)."""
+    return output["cache"] if "cache" in output else output["cache_params"]
+
+
+def cache_kwargs(model: torch.nn.Module, cache) -> dict:
+    """The keyword that hands ``cache`` back to ``model``: ``cache`` from transformers 5.24, ``cache_params`` before."""
+    import inspect
+
+    return {"cache" if "cache" in inspect.signature(model.forward).parameters else "cache_params": cache}
+
+
 def tiny_mamba(kind: str = "falcon", layers: int = 3, seed: int = 0, vocab: int = 64) -> torch.nn.Module:
     """A tiny HF Mamba-1 causal LM: ``kind`` is ``falcon`` (FalconMambaForCausalLM) or ``mamba``."""
     from transformers import FalconMambaConfig, FalconMambaForCausalLM, MambaConfig, MambaForCausalLM

@@ -8,11 +8,12 @@ import copy
 
 import pytest
 import torch
-from conftest import MAMBA_TARGETS, randomise_adapter, tiny_mamba
+from conftest import MAMBA_TARGETS, output_cache, randomise_adapter, tiny_mamba
 
 import lily_ssm
 from lily_ssm.analysis.memory import saved_bytes
 from lily_ssm.modules.recompute import unfused
+from lily_ssm.utils.compat import LayerStates
 from lily_ssm.ops.standins import gpu_structure
 
 IDS = torch.randint(2, 64, (2, 9), generator=torch.Generator().manual_seed(0))
@@ -65,9 +66,9 @@ def test_fused_prefill_with_a_cache_equals_unfused():
     fused, plain = _pair("falcon", list(MAMBA_TARGETS), "causal")
     out_f, out_p = _assert_same(fused, plain, use_cache=True)
     for layer in range(3):
-        torch.testing.assert_close(out_f.cache_params.get_recurrent_state(layer),
-                                   out_p.cache_params.get_recurrent_state(layer), atol=1e-6, rtol=1e-6)
-        torch.testing.assert_close(out_f.cache_params.get_conv_state(layer), out_p.cache_params.get_conv_state(layer))
+        fused_states, plain_states = LayerStates(output_cache(out_f), layer), LayerStates(output_cache(out_p), layer)
+        torch.testing.assert_close(fused_states.recurrent, plain_states.recurrent, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(fused_states.conv, plain_states.conv)
 
 
 def test_fused_equals_unfused_on_the_kernel_path():

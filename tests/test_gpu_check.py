@@ -15,13 +15,21 @@ def test_gpu_check_script_parses():
 
 
 def test_gpu_step_benchmark_runs_tiny_on_a_cpu(tmp_path):
+    """Training arms against the peer, the projection and decoding, at tiny sizes on a CPU."""
     done = subprocess.run([sys.executable, str(ROOT / "eval" / "bench" / "gpu_step.py"), "--device", "cpu",
                            "--out", str(tmp_path), "--layers", "2", "--hidden", "32", "--inner", "64", "--dt-rank", "4",
-                           "--vocab", "64", "--batch", "2", "--tokens", "16", "--steps", "1", "--warmup", "0",
-                           "--threads", "1"], capture_output=True, text=True, timeout=120)
+                           "--vocab", "64", "--shapes", "2x16", "--steps", "1", "--warmup", "0",
+                           "--arms", "lily-in,lily-dt-in,peft-lora-in", "--profile", "--decode", "--decode-batch", "2",
+                           "--decode-prompt", "6", "--decode-new", "3", "--decode-repeats", "1"],
+                          capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    results = json.loads((tmp_path / "gpu_step.json").read_text())["results"]
-    assert set(results) == {"lily-in", "lily-dt-in", "peft-lily-in"}
-    assert all(r.get("tokens_per_s", 0) > 0 for r in results.values()), results
-    assert results["lily-dt-in"]["trainable"] > results["lily-in"]["trainable"]
-    assert "| lily-ssm Lily, in_proj |" in (tmp_path / "gpu_step.md").read_text()
+    results = json.loads((tmp_path / "gpu_step.json").read_text())
+    train = {arm: r["shapes"]["2x16"] for arm, r in results["train"].items()}
+    assert set(train) == {"lily-in", "lily-dt-in", "peft-lora-in"}
+    assert all(r["tokens_per_s"] > 0 for r in train.values()), train
+    assert results["train"]["lily-dt-in"]["trainable"] > results["train"]["lily-in"]["trainable"]
+    assert train["lily-in"]["profile"]["aten_ops"] > 0 and "LilyPool.delta" in train["lily-in"]["profile"]["regions_ms"]
+    assert set(results["decode"]) == {"lily", "lora", "peft-lora", "stock"}
+    assert all(r["new_tokens_per_s"] > 0 for r in results["decode"].values()), results["decode"]
+    report = (tmp_path / "gpu_step.md").read_text()
+    assert "| lily-ssm Lily, in_proj | 2x16 |" in report and "Projected epoch" in report and "Cached decoding" in report

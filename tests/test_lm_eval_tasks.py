@@ -167,6 +167,15 @@ def _requests(tasks: dict) -> dict[str, list]:
     return out
 
 
+def _load_tasks(manager, names: list[str]) -> dict:
+    """The task objects ``names`` name (``TaskManager.load`` from lm-eval 0.4.12, ``get_task_dict`` before)."""
+    if hasattr(manager, "load"):
+        return manager.load(names)["tasks"]
+    from lm_eval.tasks import get_task_dict
+
+    return get_task_dict(names, manager)
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """Hub-schema files of the REAL documents (``hub/``), the converter's output from the REAL rows
@@ -197,8 +206,8 @@ def world(tmp_path_factory):
         built = {}
         for source in ("hub", "converted"):
             patch.setenv("LILY_SSM_LM_EVAL_DATA", str(root / source))
-            built[source] = manager.load([f"{name}_local" for name in BUILTIN_YAML])["tasks"]
-        built["ref"] = manager.load([f"ref_{name}" for name in BUILTIN_YAML])["tasks"]
+            built[source] = _load_tasks(manager, [f"{name}_local" for name in BUILTIN_YAML])
+        built["ref"] = _load_tasks(manager, [f"ref_{name}" for name in BUILTIN_YAML])
         yield {"root": root, "written": written, "manager": manager, "tasks": built,
                "requests": {key: _requests(tasks) for key, tasks in built.items()}}
 

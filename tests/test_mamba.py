@@ -6,13 +6,14 @@ import copy
 
 import pytest
 import torch
-from conftest import MAMBA_TARGETS, assert_moves_logits, randomise_adapter, tiny_mamba
+from conftest import MAMBA_TARGETS, assert_moves_logits, cache_kwargs, output_cache, randomise_adapter, tiny_mamba
 
 import lily_ssm
 from lily_ssm.modules import patch_mamba_mixers
 from lily_ssm.ops import conv as conv_ops
 from lily_ssm.ops import kernels
 from lily_ssm.ops import scan as scan_ops
+from lily_ssm.utils.compat import enable_checkpointing
 
 IDS = torch.randint(2, 64, (2, 9), generator=torch.Generator().manual_seed(0))
 
@@ -126,10 +127,10 @@ def test_cached_decoding_steps_equal_full_forward(routing):
         full = model(IDS).logits
         out = model(IDS[:, :5], use_cache=True)
         steps = [out.logits]
-        cache = out.cache
+        cache = output_cache(out)
         for t in range(5, 9):
-            out = model(IDS[:, t : t + 1], cache=cache, use_cache=True)
-            cache = out.cache
+            out = model(IDS[:, t : t + 1], use_cache=True, **cache_kwargs(model, cache))
+            cache = output_cache(out)
             steps.append(out.logits)
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=2e-5, rtol=1e-5)
 
@@ -178,7 +179,7 @@ def test_gradient_checkpointing_recomputes_with_the_same_routing(routing):
     model = lily_ssm.apply_adapter(tiny_mamba("falcon"), lily(MAMBA_TARGETS, routing))
     randomise_adapter(model)
     checkpointed = copy.deepcopy(model)
-    checkpointed.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    enable_checkpointing(checkpointed)
     mask = torch.ones_like(IDS)
     mask[0, :4] = 0
     labels = IDS.masked_fill(torch.arange(IDS.shape[1]) < 6, -100)  # a prompt for sequence routing to pool

@@ -24,6 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..utils.compat import reads_legacy_vit_checkpoints
+
 HEAD_NAME = "classifier"  # ViTForImageClassification's head: trained and saved with the adapter
 
 VIT_PRESETS: dict[str, dict[str, Any]] = {
@@ -91,6 +93,13 @@ def build_vit(num_classes: int, checkpoint: str | None = None, preset: str = "vi
     missing = sorted(k for k in info["missing_keys"] if not k.startswith(f"{HEAD_NAME}."))
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        if not reads_legacy_vit_checkpoints() and any(".attention.attention." in k for k in info["unexpected_keys"]):
+            import transformers
+
+            raise ViTCheckpointError(f"checkpoint {checkpoint} uses the hub's ViT key layout (encoder.layer.N.attention."
+                                     f"attention.query, ...), which transformers {transformers.__version__} cannot "
+                                     "read; transformers 5.18 and later convert it (pip install -U "
+                                     "'transformers>=5.18')")
         raise ViTCheckpointError(f"checkpoint {checkpoint} lacks ViT backbone weights ({shown}); it is not a complete "
                                  "ViT checkpoint")
     return replace_head(model, num_classes)

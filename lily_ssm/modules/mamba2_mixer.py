@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
+from ..utils.compat import LayerStates
 from ..ops import ssd
 from .padding import mask_padding
 from .projection import read_parameters
@@ -40,10 +41,7 @@ def mamba2_mixer_forward(self: nn.Module, hidden_states: torch.Tensor, cache: An
         cache = kwargs.get("cache_params")
     batch, seq_len, _ = hidden_states.shape
     dtype = hidden_states.dtype
-    conv_state = recurrent_state = None
-    if cache is not None:
-        conv_state = cache.get_conv_state(self.layer_idx)
-        recurrent_state = cache.get_recurrent_state(self.layer_idx)
+    states = LayerStates(cache, self.layer_idx) if cache is not None else None
     d, gn, h, p = self.intermediate_size, self.n_groups * self.ssm_state_size, self.num_heads, self.head_dim
 
     hidden_states = mask_padding(hidden_states, attention_mask)
@@ -56,13 +54,13 @@ def mamba2_mixer_forward(self: nn.Module, hidden_states: torch.Tensor, cache: An
     A = -torch.exp(self.A_log.float())
     conv_weight = self.conv1d.weight.squeeze(1)
 
-    if conv_state is not None and seq_len == 1 and not cache.is_recording_past(self.layer_idx):
-        xBC = ops.causal_conv1d_update(xBC.transpose(1, 2), conv_state, conv_weight, self.conv1d.bias,
+    if states is not None and states.decoding(seq_len):
+        xBC = ops.causal_conv1d_update(xBC.transpose(1, 2), states.conv, conv_weight, self.conv1d.bias,
                                        activation=self.activation)
         xBC = mask_padding(xBC.transpose(1, 2), attention_mask)
         x, B, C = xBC[:, 0].split([d, gn, gn], dim=-1)
         y = ssd.ssd_state_update(
-            recurrent_state, x.reshape(batch, h, p), dt[:, 0, :, None].expand(-1, -1, p),
+            states.recurrent, x.reshape(batch, h, p), dt[:, 0, :, None].expand(-1, -1, p),
             A[:, None, None].expand(-1, p, self.ssm_state_size), B.reshape(batch, self.n_groups, -1),
             C.reshape(batch, self.n_groups, -1), self.D[:, None].expand(-1, p),
             dt_bias=self.dt_bias[:, None].expand(-1, p), dt_softplus=True,
@@ -70,9 +68,9 @@ def mamba2_mixer_forward(self: nn.Module, hidden_states: torch.Tensor, cache: An
         return self.out_proj(_gate_and_norm(self, y, gate).to(dtype))
 
     xBC = xBC.transpose(1, 2)
-    if cache is not None:  # prefill or chunked continuation: the cache prepends its window
-        xBC = cache.update_conv_state(xBC, self.layer_idx, conv_kernel_size=self.conv_kernel_size)
-    initial = recurrent_state.clone() if recurrent_state is not None else None  # the cache may change in place
+    if states is not None:  # prefill or chunked continuation: the cache prepends its window
+        xBC = states.update_conv(xBC, self.conv_kernel_size)
+    initial = states.recurrent.clone() if states is not None and states.recurrent is not None else None
 
     def core(xBC: torch.Tensor, gate: torch.Tensor, dt: torch.Tensor,
              initial: torch.Tensor | None = None) -> tuple[torch.Tensor, Any]:
@@ -93,6 +91,6 @@ def mamba2_mixer_forward(self: nn.Module, hidden_states: torch.Tensor, cache: An
         y, last = recompute(core, inputs, params)
     else:
         y, last = core(*inputs)
-    if cache is not None:
-        cache.update_recurrent_state(last, self.layer_idx)
+    if states is not None:
+        states.update_recurrent(last)
     return self.out_proj(y)

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .. import ops
+from ..utils.compat import LayerStates
 from .padding import mask_padding
 from .projection import linear_without_bias, read_parameters
 from .recompute import fused_enabled, recompute
@@ -32,28 +33,25 @@ def mamba_mixer_forward(self: nn.Module, hidden_states: torch.Tensor, cache: Any
     if cache is None:
         cache = kwargs.get("cache_params")
     seq_len, dtype = hidden_states.shape[1], hidden_states.dtype
-    conv_state = recurrent_state = None
-    if cache is not None:
-        conv_state = cache.get_conv_state(self.layer_idx)
-        recurrent_state = cache.get_recurrent_state(self.layer_idx)
+    states = LayerStates(cache, self.layer_idx) if cache is not None else None
 
     hidden_states = mask_padding(hidden_states, attention_mask)
     x, gate = self.in_proj(hidden_states).chunk(2, dim=-1)  # (b, t, d) each
     x = x.transpose(1, 2)
     conv_weight = self.conv1d.weight.squeeze(1)
-    if conv_state is not None and seq_len == 1 and not cache.is_recording_past(self.layer_idx):
-        x = ops.causal_conv1d_update(x, conv_state, conv_weight, self.conv1d.bias, activation=self.activation)
+    if states is not None and states.decoding(seq_len):
+        x = ops.causal_conv1d_update(x, states.conv, conv_weight, self.conv1d.bias, activation=self.activation)
         x = mask_padding(x.transpose(1, 2), attention_mask)
         time_step, B, C, delta, delta_bias = _delta(self, x)
         y = ops.selective_state_update(
-            recurrent_state, x[:, 0], delta[:, 0], -torch.exp(self.A_log.float()), B[:, 0], C[:, 0], self.D,
+            states.recurrent, x[:, 0], delta[:, 0], -torch.exp(self.A_log.float()), B[:, 0], C[:, 0], self.D,
             z=gate[:, 0], dt_bias=delta_bias, dt_softplus=True,
         ).unsqueeze(1)
         return self.out_proj(y.to(dtype))
 
-    if cache is not None:  # prefill or chunked continuation: the cache prepends its window
-        x = cache.update_conv_state(x, self.layer_idx, conv_kernel_size=self.conv_kernel_size)
-    initial = recurrent_state.clone() if recurrent_state is not None else None  # the cache may change in place
+    if states is not None:  # prefill or chunked continuation: the cache prepends its window
+        x = states.update_conv(x, self.conv_kernel_size)
+    initial = states.recurrent.clone() if states is not None and states.recurrent is not None else None
 
     def core(x: torch.Tensor, gate: torch.Tensor, initial: torch.Tensor | None = None) -> tuple[torch.Tensor, Any]:
         u = ops.causal_conv1d(x, conv_weight, self.conv1d.bias, activation=self.activation)[..., -seq_len:]
@@ -72,8 +70,8 @@ def mamba_mixer_forward(self: nn.Module, hidden_states: torch.Tensor, cache: Any
         y, last = recompute(core, (x, gate) if initial is None else (x, gate, initial), params)
     else:
         y, last = core(x, gate, initial)
-    if cache is not None:
-        cache.update_recurrent_state(last, self.layer_idx)
+    if states is not None:
+        states.update_recurrent(last)
     return self.out_proj(y)
 
 

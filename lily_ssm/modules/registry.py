@@ -13,6 +13,7 @@ from typing import Any
 
 from torch import nn
 
+from ..utils.compat import check_mixer
 from .mamba2_mixer import mamba2_mixer_forward
 from .mamba_mixer import mamba_mixer_forward
 
@@ -39,6 +40,7 @@ def patch_mamba_mixers(model: nn.Module) -> int:
     for module in model.modules():
         forward = owned_forward(module)
         if forward is not None and "forward" not in module.__dict__:
+            check_mixer(module)
             module.forward = MethodType(forward, module)
             count += 1
     return count

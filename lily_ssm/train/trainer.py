@@ -30,6 +30,7 @@ from ..persistence import load_adapter, save_adapter
 from ..tuners import apply_adapter
 from ..tuners.report import parameter_report
 from ..utils.atomic import append_line
+from ..utils.compat import checkpointing_arguments
 from ..utils.sections import ConfigError
 from .guards import all_finite, diverged
 from .run_folder import RunFolder, mark_checkpoint_complete
@@ -188,8 +189,7 @@ def _training_arguments(config: ExperimentConfig, has_eval: bool) -> TrainingArg
         seed=training.seed,
         bf16=training.bf16,
         fp16=training.fp16,
-        activation_checkpointing=training.gradient_checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": False} if training.gradient_checkpointing else None,
+        **checkpointing_arguments(training.gradient_checkpointing),
         include_num_input_tokens_seen="non_padding",
         disable_tqdm=not training.progress_bar,
         report_to=training.report_to,  # TensorBoard: <output_dir>/runs/ unless TENSORBOARD_LOGGING_DIR is set
