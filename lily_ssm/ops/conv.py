@@ -28,14 +28,21 @@ def causal_conv1d_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
 
 def causal_conv1d_update_ref(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor,
                              bias: torch.Tensor | None = None, activation: str | None = None) -> torch.Tensor:
-    """One decoding step: ``x (batch, dim)`` or ``(batch, dim, 1)``; updates ``conv_state`` in place."""
+    """Decoding steps as ``causal_conv1d_update`` computes them: ``x (batch, dim)`` (one token) or ``(batch, dim,
+    seqlen)`` continues from ``conv_state (batch, dim, state_len)``, any ``state_len >= width - 1``, which is updated
+    in place to the last ``state_len`` inputs. Returns ``x``'s shape."""
+    width = weight.shape[-1]
     squeeze = x.dim() == 2
     step = x.unsqueeze(-1) if squeeze else x
-    window = torch.cat([conv_state, step.to(conv_state.dtype)], dim=-1)[..., -conv_state.shape[-1]:]
-    conv_state.copy_(window)
-    out = (window.to(weight.dtype) * weight).sum(-1, keepdim=True)
-    if bias is not None:
-        out = out + bias[:, None]
+    if step.dim() != 3 or conv_state.dim() != 3 or conv_state.shape[:2] != step.shape[:2]:
+        raise ValueError(f"x of shape {tuple(x.shape)} and conv_state of shape {tuple(conv_state.shape)}: expected x "
+                         "(batch, dim) or (batch, dim, seqlen) and conv_state (batch, dim, state_len)")
+    if conv_state.shape[-1] < width - 1:
+        raise ValueError(f"conv_state holds {conv_state.shape[-1]} positions; a width-{width} convolution needs at "
+                         f"least {width - 1}")
+    window = torch.cat([conv_state, step.to(conv_state.dtype)], dim=-1)  # (batch, dim, state_len + seqlen)
+    conv_state.copy_(window[..., -conv_state.shape[-1]:])
+    out = F.conv1d(window.to(weight.dtype), weight.unsqueeze(1), bias, groups=weight.shape[0])[..., -step.shape[-1]:]
     out = _activate(out, activation).to(x.dtype)
     return out.squeeze(-1) if squeeze else out
 
