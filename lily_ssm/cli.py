@@ -124,6 +124,12 @@ def _push(args: argparse.Namespace) -> int:
     return 0
 
 
+def _env(args: argparse.Namespace) -> int:
+    from .env import main as env_main
+
+    return env_main(args)
+
+
 def _lm_eval(lm_eval_args: list[str]) -> int:
     try:
         from .evaluation.harness import run_cli
@@ -259,6 +265,10 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--revision", default=None, help="branch to push to (default main)")
     push.add_argument("--message", default=None, help="commit message")
     push.set_defaults(func=_push)
+
+    env = sub.add_parser("env", help="versions, GPU, CUDA kernels, the scan each model family takes, and installed "
+                         "packages outside lily-ssm's supported ranges: paste it into a bug report")
+    env.set_defaults(func=_env)
 
     lm = sub.add_parser("lm-eval", add_help=False, help="lm-evaluation-harness's own command line with the 'lily' "
                         "backend registered, e.g. --model lily --model_args pretrained=...,adapter=... --tasks ...")

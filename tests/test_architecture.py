@@ -22,7 +22,7 @@ FLOORS = [
     ["data", "models", "persistence"],
     ["config"],
     ["train", "evaluation", "ablation", "analysis", "interop"],
-    ["quickstart", "cli"],
+    ["quickstart", "env", "cli"],
 ]
 FLOOR = {package: level for level, packages in enumerate(FLOORS) for package in packages}
 
