@@ -14,6 +14,13 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 MAMBA_TARGETS = ("in_proj", "dt_proj", "x_proj", "out_proj")
 
 
+@pytest.fixture(autouse=True)
+def _in_a_temporary_folder(tmp_path_factory, monkeypatch):
+    """Every test runs in a fresh empty working directory: nothing a user created in the checkout (runs/,
+    lily-quickstart/, ...) can change an outcome, and nothing a test writes by a relative path lands there."""
+    monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
+
+
 def output_cache(output):
     """The decoding cache a transformers model returned (``cache`` from 5.24, ``cache_params`` before)."""
     return output["cache"] if "cache" in output else output["cache_params"]
@@ -117,6 +124,21 @@ def randomise_adapter(model: torch.nn.Module, std: float = 0.2, seed: int = 1) -
     with torch.no_grad():
         for param in model.lily_ssm_adapter.parameters():
             param.copy_(torch.randn(param.shape, generator=gen) * std)
+
+
+def amplify_ssm(model: torch.nn.Module) -> torch.nn.Module:
+    """Make what enters a tiny model's recurrent state show in its logits: at initialisation its SSM branches barely
+    reach them (convolutions of std 0.02, steps of Δ ≈ 0.01), so some adapters moved the logits by ~1e-7, the size of
+    float32 rounding, and liveness checks passed or failed by CPU. With Δ ≈ 1.3 and convolutions of std 0.5 every
+    target's effect is ~1e-3 or more."""
+    generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(("dt_bias", "dt_proj.bias", "dt_proj_b.bias")):
+                param.fill_(1.0)
+            if name.endswith(("conv1d.weight", "conv1d_b.weight")):
+                param.normal_(0, 0.5, generator=generator)
+    return model
 
 
 def assert_moves_logits(model: torch.nn.Module, base: torch.nn.Module, ids: torch.Tensor, floor: float,

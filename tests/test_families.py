@@ -8,7 +8,7 @@ import copy
 
 import pytest
 import torch
-from conftest import FAMILIES, assert_moves_logits, randomise_adapter, tiny_family
+from conftest import FAMILIES, amplify_ssm, assert_moves_logits, randomise_adapter, tiny_family
 
 import lily_ssm
 from lily_ssm.modules import patch_mamba_mixers
@@ -70,9 +70,16 @@ def test_falcon_h1_with_its_gated_norm_matches_transformers():
                                    atol=1e-5, rtol=1e-5)
 
 
+UNIT_MULTIPLIERS = {"ssm_multipliers": [1.0] * 5, "ssm_in_multiplier": 1.0, "ssm_out_multiplier": 1.0,
+                    "attention_in_multiplier": 1.0, "attention_out_multiplier": 1.0, "key_multiplier": 1.0,
+                    "mlp_multipliers": [1.0, 1.0], "embedding_multiplier": 1.0, "lm_head_multiplier": 1.0}
+
+
 @pytest.mark.parametrize("kind", FAMILIES)
 def test_adapters_start_at_the_base_and_each_target_changes_the_logits(kind):
-    base = tiny_family(kind)
+    # Falcon-H1's μP multipliers at 1 and amplify_ssm: the smallest effect is ~2e-3, some 10^4 times float32
+    # rounding, and the floor below sits far from both
+    base = amplify_ssm(tiny_family(kind, **(UNIT_MULTIPLIERS if kind == "falcon_h1" else {})))
     patch_mamba_mixers(base)  # bit-identical to an adapted model whose B are zero
     zero = lily_ssm.apply_adapter(copy.deepcopy(base), _lily(ALL[kind]))
     with torch.no_grad():
@@ -80,8 +87,7 @@ def test_adapters_start_at_the_base_and_each_target_changes_the_logits(kind):
     for target in TARGETS[kind]:
         model = lily_ssm.apply_adapter(copy.deepcopy(base), _lily([target]))
         randomise_adapter(model, std=1.0)
-        # (Falcon-H1's μP multipliers scale B and C down: its in_proj.B moves logits by ~1e-6 only)
-        assert_moves_logits(model, base, IDS, 1e-7, target)
+        assert_moves_logits(model, base, IDS, 1e-4, target)
 
 
 @pytest.mark.parametrize("kind", FAMILIES)

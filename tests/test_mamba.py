@@ -6,7 +6,15 @@ import copy
 
 import pytest
 import torch
-from conftest import MAMBA_TARGETS, assert_moves_logits, cache_kwargs, output_cache, randomise_adapter, tiny_mamba
+from conftest import (
+    MAMBA_TARGETS,
+    amplify_ssm,
+    assert_moves_logits,
+    cache_kwargs,
+    output_cache,
+    randomise_adapter,
+    tiny_mamba,
+)
 
 import lily_ssm
 from lily_ssm.modules import patch_mamba_mixers
@@ -50,12 +58,11 @@ def test_fresh_adapter_is_exactly_the_base(mamba_kind, make_config):
 @pytest.mark.parametrize("targets", [(t,) for t in MAMBA_TARGETS] + [MAMBA_TARGETS], ids=lambda t: "+".join(t))
 @pytest.mark.parametrize("make_config", [lily, lora], ids=["lily", "lora"])
 def test_each_target_changes_logits_and_gets_gradients(mamba_kind, targets, make_config):
-    base = tiny_mamba(mamba_kind)
+    base = amplify_ssm(tiny_mamba(mamba_kind))
     patch_mamba_mixers(base)  # bit-identical to the adapted model with zero adapters
     model = lily_ssm.apply_adapter(copy.deepcopy(base), make_config(targets))
     randomise_adapter(model, std=1.0)
-    # (stock Mamba's x_proj yields tiny time steps, so a Δ adapter moves logits by ~1e-5 only)
-    assert_moves_logits(model, base, IDS, 1e-6, "+".join(targets))
+    assert_moves_logits(model, base, IDS, 1e-4, "+".join(targets))
     model.train()
     randomise_adapter(model, std=0.3)  # at std 1 some routers saturate: their gradient underflows to 0
     model(IDS, labels=IDS).loss.backward()

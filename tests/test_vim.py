@@ -111,7 +111,7 @@ def test_backward_branch_sees_the_flipped_sequence():
     h2 = h.clone()
     h2[:, -1] += 1.0  # only the last token changes
     diff = (mixer(h2) - base).abs().amax(-1)[0]
-    assert (diff[:-1] > 1e-6).all()  # earlier positions see it: only possible through the backward branch
+    assert (diff[:-1] > 1e-4).all()  # earlier positions see it: only possible through the backward branch
     # with the backward branch's parameters equal to the forward branch's, flipping the input flips the output
     for a, b in (("conv1d", "conv1d_b"), ("x_proj", "x_proj_b"), ("dt_proj", "dt_proj_b")):
         getattr(mixer, b).load_state_dict(getattr(mixer, a).state_dict())
