@@ -13,8 +13,9 @@ from conftest import MAMBA_TARGETS, output_cache, randomise_adapter, tiny_mamba
 import lily_ssm
 from lily_ssm.analysis.memory import saved_bytes
 from lily_ssm.modules.recompute import unfused
+from lily_ssm.ops import kernels
+from lily_ssm.ops.standins import ScanExtensionStandin, gpu_structure, mamba_inner_standin
 from lily_ssm.utils.compat import LayerStates
-from lily_ssm.ops.standins import gpu_structure
 
 IDS = torch.randint(2, 64, (2, 9), generator=torch.Generator().manual_seed(0))
 MASK = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1, 1], [1] * 9])
@@ -56,6 +57,28 @@ def _assert_same(fused, plain, **kwargs):
 @pytest.mark.parametrize("routing", ["causal", "sequence", "token", "batch"])
 def test_fused_equals_unfused_for_every_target_and_routing(mamba_kind, targets, routing):
     _assert_same(*_pair(mamba_kind, targets, routing))
+
+
+def test_the_fused_core_on_the_scan_extension_equals_unfused(mamba_kind):
+    """The fused core's kernel path (``selective_scan_cuda``'s fwd / bwd layouts, a reference behind them): the
+    loss and every gradient of the unfused model on lily-ssm's own scan."""
+    fused, plain = _pair(mamba_kind, list(MAMBA_TARGETS), "causal")
+    calls = {"fwd": 0, "bwd": 0}
+
+    class Extension(ScanExtensionStandin):
+        @staticmethod
+        def fwd(*args):
+            calls["fwd"] += 1
+            return ScanExtensionStandin.fwd(*args)
+
+        @staticmethod
+        def bwd(*args):
+            calls["bwd"] += 1
+            return ScanExtensionStandin.bwd(*args)
+
+    with kernels.override(selective_scan_cuda=Extension):
+        _assert_same(fused, plain)
+    assert calls == {"fwd": 3, "bwd": 3}  # once per layer each way: the scan is not run again in backward
 
 
 def test_dropout_inside_the_core_repeats_its_masks():
@@ -105,15 +128,19 @@ def _seven_b_mixer():
     return model.train(), model.backbone.layers[0].mixer
 
 
-@pytest.mark.parametrize("gpu,limit", [(True, 60), (False, 80)], ids=["gpu-structure", "cpu-path"])
-def test_a_7b_mixer_saves_at_most_the_limit_per_token(gpu, limit):
-    """Falcon-Mamba-7B's mixer shape in bf16, Lily on in_proj (r 40) and dt_proj (r 8), on the meta device."""
+@pytest.mark.parametrize("gpu", [True, False], ids=["gpu-structure", "cpu-path"])
+def test_a_7b_mixer_saves_no_more_than_mamba_inner_fn(gpu):
+    """Falcon-Mamba-7B's mixer shape in bf16, Lily on in_proj (r 40) and dt_proj (r 8), on the meta device: the
+    fused mixer keeps no more per token than mamba_inner_fn (the fused peer, the same adapter on in_proj) on the
+    GPU path, and far less than unfused either way."""
     model, mixer = _seven_b_mixer()
     hidden = torch.empty(4, 256, 4096, dtype=torch.bfloat16, device="meta", requires_grad=True)
     per_token_kib = 4 * 256 * 1024
+    peer = saved_bytes(lambda: mamba_inner_standin(mixer.in_proj(hidden).transpose(1, 2), mixer),
+                       exclude=list(model.parameters())) / per_token_kib
     with gpu_structure(("meta",)) if gpu else contextlib.nullcontext():
         fused = saved_bytes(lambda: mixer(hidden), exclude=list(model.parameters())) / per_token_kib
         with unfused():
             plain = saved_bytes(lambda: mixer(hidden), exclude=list(model.parameters())) / per_token_kib
-    assert fused <= limit < plain, (fused, plain)
-    assert fused >= 32  # it does keep xz (2 x 8192 bf16 values per token)
+    assert fused <= (peer if gpu else 1.6 * peer) and fused < 0.7 * plain, (fused, peer, plain)
+    assert fused >= 48  # it does keep xz (2 x 8192 bf16 values per token) and the scan's output (8192)

@@ -25,34 +25,6 @@ SHAPE = {"vocab_size": 65024, "hidden_size": 4096, "intermediate_size": 8192, "n
          "state_size": 16, "time_step_rank": 256, "conv_kernel": 4, "use_bias": False, "use_conv_bias": True}
 
 
-class _MambaInnerStandin(torch.autograd.Function):
-    """What ``mamba_inner_fn`` (checkpoint_lvl=1) saves: xz, the conv / x_proj / dt_proj / out_proj
-    weights, x_dbl, B and C (contiguous copies), A, D, delta_bias, the scan's chunk states and its
-    output; the convolution output and Δ are recomputed in its backward."""
-
-    @staticmethod
-    def forward(ctx, xz, mixer):
-        from lily_ssm.ops.conv import causal_conv1d_ref
-
-        d, n, rank = mixer.intermediate_size, mixer.ssm_state_size, mixer.time_step_rank
-        with torch.no_grad():
-            x, z = xz.chunk(2, dim=1)
-            u = causal_conv1d_ref(x, mixer.conv1d.weight.squeeze(1), mixer.conv1d.bias, "silu")
-            x_dbl = u.transpose(1, 2).reshape(-1, d) @ mixer.x_proj.weight.T
-            B = x_dbl[:, rank:rank + n].contiguous()
-            C = x_dbl[:, rank + n:].contiguous()
-            out = u.clone()  # the scan output (before gating) has u's shape and dtype
-        states = xz.new_empty(xz.shape[0], d, -(-xz.shape[-1] // 2048), 2 * n, dtype=torch.float32)
-        weights = (mixer.conv1d.weight, mixer.conv1d.bias, mixer.x_proj.weight, mixer.dt_proj.weight,
-                   mixer.out_proj.weight, mixer.A_log, mixer.D, mixer.dt_proj.bias)
-        ctx.save_for_backward(xz, x_dbl, B, C, states, out, *weights)
-        return (out * z).transpose(1, 2) @ mixer.out_proj.weight.T
-
-    @staticmethod
-    def backward(ctx, grad):  # only the saved tensors are measured here
-        raise NotImplementedError
-
-
 def _mixer():
     from transformers import FalconMambaConfig, FalconMambaForCausalLM
 
@@ -70,7 +42,7 @@ def measure(arm: str, batch: int, tokens: int) -> float:
     """Saved KiB per token of one mixer forward for ``arm``."""
     from lily_ssm.analysis.memory import saved_bytes
     from lily_ssm.modules.recompute import unfused
-    from lily_ssm.ops.standins import gpu_structure
+    from lily_ssm.ops.standins import gpu_structure, mamba_inner_standin
 
     model, mixer = _mixer()
     hidden = torch.empty(batch, tokens, SHAPE["hidden_size"], dtype=torch.bfloat16, device="meta",
@@ -78,7 +50,7 @@ def measure(arm: str, batch: int, tokens: int) -> float:
     if arm == "mamba_inner_fn":
         def step():
             xz = mixer.in_proj(hidden).transpose(1, 2)  # in_proj and its adapter, as in transformers' fast path
-            _MambaInnerStandin.apply(xz, mixer)
+            mamba_inner_standin(xz, mixer)
         structure = contextlib.nullcontext()
     else:
         def step():

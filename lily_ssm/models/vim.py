@@ -43,7 +43,7 @@ from torch import nn
 
 from .. import ops
 from ..modules.projection import linear_without_bias, read_parameters
-from ..modules.recompute import fused_enabled, recompute
+from ..modules.recompute import fused_enabled, fused_scan
 from ..utils.safe_load import load_tensors_file
 
 
@@ -185,38 +185,37 @@ class VimMixer(nn.Module):
         _init_dt_proj(self.dt_proj, self.dt_rank)
         _init_dt_proj(self.dt_proj_b, self.dt_rank)
 
-    def _direction(self, x: torch.Tensor, z: torch.Tensor, conv1d: nn.Conv1d, x_proj: nn.Module,
-                   dt_proj: nn.Module, A_log: torch.Tensor, D: torch.Tensor) -> torch.Tensor:
-        """One causal Mamba pass over ``x, z (batch, d_inner, seqlen)``; returns ``(batch, d_inner, seqlen)``."""
+    def _scan_inputs(self, x: torch.Tensor, z: torch.Tensor, conv1d: nn.Conv1d, x_proj: nn.Module,
+                     dt_proj: nn.Module, A_log: torch.Tensor, D: torch.Tensor, flip: bool) -> tuple[Any, ...]:
+        """One direction's scan inputs from ``x, z (batch, d_inner, seqlen)``, through the modules (the backward
+        direction reads the flipped sequence)."""
+        if flip:
+            x, z = x.flip(-1), z.flip(-1)
         x = ops.causal_conv1d(x, conv1d.weight.squeeze(1), conv1d.bias, activation="silu")
         time_step, B, C = torch.split(x_proj(x.transpose(1, 2)), [self.dt_rank, self.d_state, self.d_state], dim=-1)
         delta, delta_bias = linear_without_bias(dt_proj, time_step)  # adapted Δ, bias kept apart
-        A = -torch.exp(A_log.float())
-        return ops.selective_scan(
-            x, delta.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2), D.float(), z=z,
-            delta_bias=delta_bias.float() if delta_bias is not None else None, delta_softplus=True,
-        )
+        return (x, delta.transpose(1, 2), -torch.exp(A_log.float()), B.transpose(1, 2), C.transpose(1, 2), D.float(),
+                z, delta_bias.float() if delta_bias is not None else None)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """``hidden_states (batch, seqlen, d_model)`` -> ``(batch, seqlen, d_model)``.
 
-        With gradients on, each direction's core (convolution → x_proj → Δ → scan) keeps only the
-        in_proj output for backward and is recomputed there (:mod:`lily_ssm.modules.recompute`)."""
+        With gradients on, each direction's scan runs once and keeps only the in_proj output and the scan's
+        own state for backward; the rest is recomputed there (:func:`lily_ssm.modules.recompute.fused_scan`)."""
         dtype = hidden_states.dtype
         x, z = self.in_proj(hidden_states).transpose(1, 2).chunk(2, dim=1)  # (b, d_inner, t) each
         directions = ((False, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D),
                       (True, self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b))
         ys = []
         for flip, conv1d, x_proj, dt_proj, A_log, D in directions:
-            def core(x, z, flip=flip, conv1d=conv1d, x_proj=x_proj, dt_proj=dt_proj, A_log=A_log, D=D):
-                if flip:
-                    return (self._direction(x.flip(-1), z.flip(-1), conv1d, x_proj, dt_proj, A_log, D).flip(-1),)
-                return (self._direction(x, z, conv1d, x_proj, dt_proj, A_log, D),)
+            def scan_inputs(x, z, flip=flip, conv1d=conv1d, x_proj=x_proj, dt_proj=dt_proj, A_log=A_log, D=D):
+                return self._scan_inputs(x, z, conv1d, x_proj, dt_proj, A_log, D, flip)
 
             if fused_enabled():
-                ys.append(recompute(core, (x, z), read_parameters((conv1d, x_proj, dt_proj), (A_log, D)))[0])
+                y = fused_scan(scan_inputs, (x, z), read_parameters((conv1d, x_proj, dt_proj), (A_log, D)))
             else:
-                ys.append(core(x, z)[0])
+                y = ops.selective_scan(*scan_inputs(x, z), delta_softplus=True)
+            ys.append(y.flip(-1) if flip else y)
         y = (ys[0].float() + ys[1].float()) / 2
         return self.out_proj(y.transpose(1, 2).to(dtype))
 

@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
-from ..utils.compat import LayerStates
 from ..ops import ssd
+from ..utils.compat import LayerStates
 from .padding import mask_padding
 from .projection import read_parameters
 from .recompute import fused_enabled, recompute

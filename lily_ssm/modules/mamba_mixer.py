@@ -19,16 +19,16 @@ from .. import ops
 from ..utils.compat import LayerStates
 from .padding import mask_padding
 from .projection import linear_without_bias, read_parameters
-from .recompute import fused_enabled, recompute
+from .recompute import fused_enabled, fused_scan
 
 
 def mamba_mixer_forward(self: nn.Module, hidden_states: torch.Tensor, cache: Any = None,
                         attention_mask: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
     """Forward of a transformers Mamba-1 mixer with every projection called as a module.
 
-    With gradients on, the SSM core (convolution → x_proj → Δ → scan) is fused: only the in_proj
-    output is kept for backward, the rest is recomputed (:mod:`.recompute`), as ``mamba_inner_fn``
-    does; cache updates stay outside the recomputed part.
+    With gradients on and no cache (training), the SSM core (convolution → x_proj → Δ → scan) is fused: the scan
+    runs once, and only the in_proj output and the scan's own state are kept for backward, the rest is recomputed
+    (:func:`~.recompute.fused_scan`), as ``mamba_inner_fn`` does.
     """
     if cache is None:
         cache = kwargs.get("cache_params")
@@ -51,28 +51,25 @@ def mamba_mixer_forward(self: nn.Module, hidden_states: torch.Tensor, cache: Any
 
     if states is not None:  # prefill or chunked continuation: the cache prepends its window
         x = states.update_conv(x, self.conv_kernel_size)
-    initial = states.recurrent.clone() if states is not None and states.recurrent is not None else None
 
-    def core(x: torch.Tensor, gate: torch.Tensor, initial: torch.Tensor | None = None) -> tuple[torch.Tensor, Any]:
+    def scan_inputs(x: torch.Tensor, gate: torch.Tensor) -> tuple[Any, ...]:
+        """Convolution → x_proj (→ norms) → Δ, through the modules: the scan's inputs in its layouts."""
         u = ops.causal_conv1d(x, conv_weight, self.conv1d.bias, activation=self.activation)[..., -seq_len:]
         u = mask_padding(u.transpose(1, 2), attention_mask)  # (b, t, d)
         _, B, C, delta, delta_bias = _delta(self, u)
-        result = ops.selective_scan(
-            u.transpose(1, 2), delta.transpose(1, 2), -torch.exp(self.A_log.float()), B.transpose(1, 2),
-            C.transpose(1, 2), self.D.float(), z=gate.transpose(1, 2), delta_bias=delta_bias, delta_softplus=True,
-            return_last_state=cache is not None, initial_state=initial,
-        )
-        y, last = result if cache is not None else (result, None)
-        return y.transpose(1, 2).to(dtype), last
+        return (u.transpose(1, 2), delta.transpose(1, 2), -torch.exp(self.A_log.float()), B.transpose(1, 2),
+                C.transpose(1, 2), self.D.float(), gate.transpose(1, 2), delta_bias)
 
-    if fused_enabled():
-        params = read_parameters(_core_modules(self), (self.A_log, self.D))
-        y, last = recompute(core, (x, gate) if initial is None else (x, gate, initial), params)
+    if fused_enabled() and states is None:  # training: the scan runs once, the rest is recomputed in backward
+        y = fused_scan(scan_inputs, (x, gate), read_parameters(_core_modules(self), (self.A_log, self.D)))
     else:
-        y, last = core(x, gate, initial)
-    if states is not None:
-        states.update_recurrent(last)
-    return self.out_proj(y)
+        initial = states.recurrent.clone() if states is not None and states.recurrent is not None else None
+        result = ops.selective_scan(*scan_inputs(x, gate), delta_softplus=True, return_last_state=states is not None,
+                                    initial_state=initial)
+        y, last = result if states is not None else (result, None)
+        if states is not None:
+            states.update_recurrent(last)
+    return self.out_proj(y.transpose(1, 2).to(dtype))
 
 
 def _core_modules(mixer: nn.Module) -> list[nn.Module]:

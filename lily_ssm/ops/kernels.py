@@ -17,13 +17,16 @@ from typing import Any
 
 import torch
 
-_KERNEL_FUNCTIONS = {
-    "selective_scan_fn": "mamba_ssm.ops.selective_scan_interface",
-    "mamba_chunk_scan_combined": "mamba_ssm.ops.triton.ssd_combined",
-    "selective_state_update": "mamba_ssm.ops.triton.selective_state_update",
-    "causal_conv1d_fn": "causal_conv1d",
-    "causal_conv1d_update": "causal_conv1d",
+# kernel name -> (module, attribute); attribute None: the module itself (a compiled extension)
+KERNELS: dict[str, tuple[str, str | None]] = {
+    "selective_scan_fn": ("mamba_ssm.ops.selective_scan_interface", "selective_scan_fn"),
+    "selective_scan_cuda": ("selective_scan_cuda", None),  # its fwd / bwd, for the fused core's own backward
+    "mamba_chunk_scan_combined": ("mamba_ssm.ops.triton.ssd_combined", "mamba_chunk_scan_combined"),
+    "selective_state_update": ("mamba_ssm.ops.triton.selective_state_update", "selective_state_update"),
+    "causal_conv1d_fn": ("causal_conv1d", "causal_conv1d_fn"),
+    "causal_conv1d_update": ("causal_conv1d", "causal_conv1d_update"),
 }
+_PACKAGES = {"mamba_ssm": "mamba-ssm", "selective_scan_cuda": "mamba-ssm", "causal_conv1d": "causal-conv1d"}
 _loaded: dict[str, Any] = {}
 _announced: set[str] = set()  # device types whose path has been logged
 logger = logging.getLogger("lily_ssm")
@@ -36,11 +39,25 @@ def get(name: str) -> Any | None:
     if _override is not None:
         return getattr(_override, name, None)
     if name not in _loaded:
+        module, attribute = KERNELS[name]
         try:
-            _loaded[name] = getattr(importlib.import_module(_KERNEL_FUNCTIONS[name]), name)
+            found = importlib.import_module(module)
+            _loaded[name] = found if attribute is None else getattr(found, attribute)
         except Exception:  # ImportError, or a CUDA/ABI error raised while the extension loads
             _loaded[name] = None
     return _loaded[name]
+
+
+def import_error(name: str) -> str | None:
+    """Why kernel ``name`` does not import (one line), or None when it does."""
+    module, attribute = KERNELS[name]
+    try:
+        found = importlib.import_module(module)
+        if attribute is not None:
+            getattr(found, attribute)
+    except Exception as exc:
+        return f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:200]
+    return None
 
 
 def usable(name: str, tensor: torch.Tensor) -> Any | None:
@@ -60,11 +77,11 @@ def describe_path(device_type: str) -> str:
     if device_type != "cuda":
         return (f"SSM path on {device_type}: lily-ssm's PyTorch scans and convolution (the mamba-ssm and "
                 "causal-conv1d kernels run on CUDA tensors only)")
-    missing = [name for name in _KERNEL_FUNCTIONS if get(name) is None]
+    missing = [name for name in KERNELS if get(name) is None]
     if not missing:
         return "SSM path on cuda: the mamba-ssm scan kernels and causal-conv1d"
-    packages = sorted({_KERNEL_FUNCTIONS[name].split(".")[0].replace("_", "-") for name in missing})
-    kernels_too = "" if len(missing) == len(_KERNEL_FUNCTIONS) else "; the other kernels run"
+    packages = sorted({_PACKAGES[KERNELS[name][0].split(".")[0]] for name in missing})
+    kernels_too = "" if len(missing) == len(KERNELS) else "; the other kernels run"
     return (f"SSM path on cuda: lily-ssm's PyTorch code for {', '.join(missing)} ({' and '.join(packages)} not "
             f"importable: pip install 'lily-ssm[cuda]'){kernels_too}")
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import kernels
+from . import kernels, scan_chunked
 from .scan_chunked import selective_scan_chunked
 
 
@@ -65,6 +65,49 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: tor
                                       initial_state)
     return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
                               initial_state)
+
+
+def _kernel_layout(u, delta, B, C, z):
+    """What ``selective_scan_cuda`` takes: contiguous time axes, ``B`` / ``C`` with a group axis."""
+    def last_contiguous(t):
+        return t if t is None or t.stride(-1) == 1 else t.contiguous()
+
+    return (last_contiguous(u), last_contiguous(delta), B.unsqueeze(1).contiguous(), C.unsqueeze(1).contiguous(),
+            last_contiguous(z))
+
+
+def selective_scan_forward(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                           D: torch.Tensor | None = None, z: torch.Tensor | None = None,
+                           delta_bias: torch.Tensor | None = None, delta_softplus: bool = False
+                           ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
+    """The scan's forward for a caller that runs its own backward (the fused SSM core,
+    :mod:`lily_ssm.modules.recompute`): ``(out, last_state, saved)``, where ``saved`` holds what
+    :func:`selective_scan_backward` needs besides the inputs. ``selective_scan_cuda`` on CUDA (its chunk states
+    and the ungated output, as ``selective_scan_fn`` keeps them), the chunked PyTorch scan elsewhere."""
+    kernel = kernels.usable("selective_scan_cuda", u)
+    if kernel is None:
+        return scan_chunked.scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    u, delta, B, C, z = _kernel_layout(u, delta, B, C, z)
+    out, states, *rest = kernel.fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    return (rest[0] if z is not None else out), states[:, :, -1, 1::2], (states, out)
+
+
+def selective_scan_backward(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                            D: torch.Tensor | None, z: torch.Tensor | None, delta_bias: torch.Tensor | None,
+                            delta_softplus: bool, saved: tuple[torch.Tensor, ...],
+                            grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    """Gradients of :func:`selective_scan_forward`'s output with respect to ``u, delta, A, B, C, D, z,
+    delta_bias`` (None where an input is None)."""
+    kernel = kernels.usable("selective_scan_cuda", u)
+    if kernel is None:
+        return scan_chunked.scan_backward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, saved, grad_out)
+    u, delta, B, C, z = _kernel_layout(u, delta, B, C, z)
+    states, out = saved
+    grad_out = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
+    du, ddelta, dA, dB, dC, dD, ddelta_bias, *rest = kernel.bwd(u, delta, A, B, C, D, z, delta_bias, grad_out, states,
+                                                                out, None, delta_softplus, False)
+    return (du, ddelta, dA, dB.squeeze(1), dC.squeeze(1), dD if D is not None else None,
+            rest[0] if z is not None else None, ddelta_bias if delta_bias is not None else None)
 
 
 def selective_state_update_ref(state: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor,

@@ -44,8 +44,16 @@ class AdapterPool(nn.Module, ABC):
         return h if self.group.activation is None else ACTIVATIONS[self.group.activation](h)
 
     @abstractmethod
+    def factors(self, x: torch.Tensor, slot: TargetModule) -> tuple[torch.Tensor, torch.Tensor]:
+        """The adapter's contribution to ``slot``'s output for input ``x`` as a product ``left @ right``:
+        ``left (..., K)`` from the input, ``right (K, out)``, both in the compute dtype (:func:`compute_dtype`).
+        The adapted layer adds the product to the frozen output in one matrix product (no ``(..., out)``
+        intermediate)."""
+
     def delta(self, x: torch.Tensor, slot: TargetModule) -> torch.Tensor:
         """The adapter's additive contribution to ``slot``'s output for input ``x``."""
+        left, right = self.factors(x, slot)
+        return left @ right
 
     @abstractmethod
     def parameter_kinds(self) -> dict[str, nn.Parameter]:
@@ -56,31 +64,28 @@ class AdapterPool(nn.Module, ABC):
         raise TypeError(f"{type(self).__name__} has no input-independent weight update to merge")
 
 
-class _DownProjection(torch.autograd.Function):
-    """``x @ A`` in ``A``'s dtype, keeping ``x`` for backward in its own (often narrower) dtype."""
+_HALF = (torch.float16, torch.bfloat16)
 
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(x, A)
-        return x.to(A.dtype) @ A
 
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        x, A = ctx.saved_tensors
-        grad_x = (grad @ A.T).to(x.dtype) if ctx.needs_input_grad[0] else None
-        grad_A = None
-        if ctx.needs_input_grad[1]:
-            grad_A = x.reshape(-1, x.shape[-1]).to(A.dtype).T @ grad.reshape(-1, grad.shape[-1])
-        return grad_x, grad_A
+def compute_dtype(x: torch.Tensor, param: torch.Tensor) -> torch.dtype:
+    """The dtype an adapter computes in: a half-precision input's (or autocast's), else its own.
+
+    Adapters on half-precision bases keep fp32 weights, so small optimizer steps are not rounded away, and run
+    their matrix products in the base's precision, as mixed-precision training runs every product: the input
+    is kept for backward as it came (bf16: half the bytes of an fp32 copy), and the update is added to the
+    frozen output inside one half-precision product."""
+    if x.dtype in _HALF:
+        return x.dtype
+    kind = x.device.type
+    if kind in ("cuda", "cpu") and torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind)
+    return param.dtype
 
 
 def down_project(x: torch.Tensor, A: torch.Tensor, dropout: nn.Module) -> torch.Tensor:
-    """``dropout(x) @ A`` computed in ``A``'s dtype (fp32 adapters on half-precision bases). Without input
-    dropout, ``x`` is kept for backward as it came (e.g. bf16, half the bytes of an fp32 copy); the
-    products are the same, since widening a bf16 value to fp32 is exact."""
-    if isinstance(dropout, nn.Identity) and x.dtype != A.dtype and x.is_floating_point():
-        return _DownProjection.apply(x, A)
-    return dropout(x.to(A.dtype)) @ A
+    """``dropout(x) @ A`` in the compute dtype (:func:`compute_dtype`)."""
+    dtype = compute_dtype(x, A)
+    return dropout(x.to(dtype)) @ A.to(dtype)
 
 
 def check_positive_ints(sizes: dict[str, Any], where: str = "") -> None:
@@ -183,12 +188,13 @@ class AdaptedLinear(nn.Linear):
             self._lily_liveness.mark_ran(self)
         out = F.linear(x, self.weight, self.bias if add_bias else None)
         for pool, slot in self._lily_adapters:  # in place: F.linear's backward does not need its output
-            delta = pool.delta(x, slot).to(out.dtype)
-            if slot.out_slice is None:
-                out += delta
+            left, right = pool.factors(x, slot)
+            if slot.out_slice is None and left.dtype == right.dtype == out.dtype:
+                # out += left @ right inside one product (the matrix unit adds to its output as it goes)
+                out.view(-1, out.shape[-1]).addmm_(left.reshape(-1, left.shape[-1]), right)
             else:
-                start, stop = slot.out_slice
-                out[..., start:stop] += delta
+                target = out if slot.out_slice is None else out[..., slot.out_slice[0]:slot.out_slice[1]]
+                target += (left @ right).to(out.dtype)
         return out
 
     def forward_without_bias(self, x: torch.Tensor) -> torch.Tensor:

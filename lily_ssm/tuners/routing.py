@@ -108,6 +108,16 @@ class _StatsReorderingCache:
             object.__setattr__(cache, method, wrapped)
 
 
+def router_stats(cache: Any) -> dict[str, RouterStats]:
+    """The router statistics a decoding cache carries for its next call (empty before the first)."""
+    return dict(getattr(cache, _CACHE_ATTR, None) or {})
+
+
+def set_router_stats(cache: Any, stats: dict[str, RouterStats]) -> None:
+    """Make ``stats`` the router statistics ``cache``'s next call continues from (they follow beam search)."""
+    _StatsReorderingCache.install(cache, stats)
+
+
 def is_causal_lm(model: nn.Module) -> bool:
     """Whether ``model`` predicts each token from the ones before it (a text generator)."""
     can_generate = getattr(model, "can_generate", None)

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from ..base import AdapterPool, down_project, kaiming_uniform_
+from ..base import AdapterPool, compute_dtype, down_project, kaiming_uniform_
 from ..routing import RouterStats, RoutingContext
 from ..targets import TargetGroup, TargetModule, a_group
 
@@ -53,26 +53,27 @@ class LilyPool(AdapterPool):
             return slot.position
         return self.a_index(slot) if self.config.router == "group" else 0
 
-    def delta(self, x: torch.Tensor, slot: TargetModule) -> torch.Tensor:
+    def factors(self, x: torch.Tensor, slot: TargetModule) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x A_g`` weighted per B expert by the router's mix (scaling folded in), and the stacked B experts:
+        their product is ``s · x A_g (Σ_i S_i B_i)`` (Eq. 3: the experts are combined, then one product)."""
         lead, seq = x.shape[:-1], _as_sequences(x)
         A = self.A[self.a_index(slot)]
+        dtype = compute_dtype(x, A)
         if self.config.dropout_position == "after_A":  # the router and B read the dropped activations (Vim code)
             h = self.dropout(down_project(seq, A, nn.Identity()))  # (N, T, r)
         else:
             h = down_project(seq, A, self.dropout)
         h = self.activate(h)  # a block target's nonlinearity: the router and B read relu(x A) (published ViT code)
-        scaled = h * self.config.scaling  # scaling in rank space: r values per token, not out
-        if self.router is None:
-            out = scaled @ self.B[0]
-        else:
-            probs = torch.softmax((h @ self.router[self.router_index(slot)].T).float(), dim=-1)  # (N, T, E)
-            # a 2-D input (e.g. a pooled vector) has no token axis for the attention mask to describe
-            weights = mix_weights(probs, self.config.routing, self.context, slot.key, masked=x.dim() > 2)
-            if self.context.recorder is not None:
-                mask = self.context.token_mask(*probs.shape[:2]) if x.dim() > 2 else None
-                self.context.recorder.add(slot.key, weights, mask)
-            out = mix_experts(scaled, weights.to(h.dtype), self.B)
-        return out.reshape(*lead, self.group.out_features)
+        if self.router is None:  # one B expert: the mix is 1
+            return (h * self.config.scaling).reshape(*lead, -1), self.B[0].to(dtype)
+        probs = torch.softmax((h @ self.router[self.router_index(slot)].T.to(dtype)).float(), dim=-1)  # (N, T, E)
+        # a 2-D input (e.g. a pooled vector) has no token axis for the attention mask to describe
+        weights = mix_weights(probs, self.config.routing, self.context, slot.key, masked=x.dim() > 2)
+        if self.context.recorder is not None:
+            mask = self.context.token_mask(*probs.shape[:2]) if x.dim() > 2 else None
+            self.context.recorder.add(slot.key, weights, mask)
+        left = weighted_activations(h, weights * self.config.scaling)
+        return left.reshape(*lead, left.shape[-1]), self.B.reshape(-1, self.group.out_features).to(dtype)
 
 
 def _as_sequences(x: torch.Tensor) -> torch.Tensor:
@@ -98,12 +99,13 @@ def mix_weights(probs: torch.Tensor, routing: str, context: RoutingContext, key:
         return probs.reshape(-1, probs.shape[-1]).mean(0)
     n, t, _ = probs.shape
     mask = context.token_mask(n, t) if masked else None
-    mask = probs.new_ones(n, t, 1) if mask is None else mask.to(probs.dtype)[..., None]
+    mask = mask.to(probs.dtype)[..., None] if mask is not None else None  # (n, t, 1); None: every token counts
     previous = context.incoming.get(key)
     if previous is not None and previous.total.shape[0] != n:
         raise ValueError(f"cached router statistics for {key} hold {previous.total.shape[0]} samples, input has {n}")
     if routing == "sequence":
         if previous is None:
+            mask = probs.new_ones(n, t, 1) if mask is None else mask
             prompt = context.prompt_mask(n, t) if masked else None
             if prompt is not None:
                 mask = mask * prompt.to(probs.dtype)[..., None]
@@ -114,7 +116,11 @@ def mix_weights(probs: torch.Tensor, routing: str, context: RoutingContext, key:
         context.outgoing[key] = RouterStats(previous.total.detach(), previous.count)
         return previous.total / previous.count.clamp_min(1.0)
     if routing == "causal":
-        total, count = torch.cumsum(probs * mask, dim=1), torch.cumsum(mask, dim=1)
+        if mask is None:  # the count up to token t is t + 1
+            total = torch.cumsum(probs, dim=1)
+            count = torch.arange(1, t + 1, dtype=probs.dtype, device=probs.device)[None, :, None].expand(n, t, 1)
+        else:
+            total, count = torch.cumsum(probs * mask, dim=1), torch.cumsum(mask, dim=1)
         if previous is not None:
             total = total + previous.total[:, None]
             count = count + previous.count[:, None]
@@ -123,13 +129,9 @@ def mix_weights(probs: torch.Tensor, routing: str, context: RoutingContext, key:
     raise ValueError(f"unknown routing mode {routing!r}")
 
 
-def mix_experts(h: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
-    """``h (N, T, r)`` through the weighted sum of ``experts (E, r, out)`` (Eq. 3: combine, then one matmul)."""
-    num_e, r, out = experts.shape
-    if weights.dim() == 1:
-        return h @ torch.einsum("e,eio->io", weights, experts)
-    if weights.dim() == 2:
-        return torch.bmm(h, torch.einsum("ne,eio->nio", weights, experts))
-    # Per-token mixes: weight the rank-r activations instead of materialising a mixed B per token.
-    scaled = (weights[..., :, None] * h[..., None, :]).reshape(*h.shape[:-1], num_e * r)
-    return scaled @ experts.reshape(num_e * r, out)
+def weighted_activations(h: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``h (N, T, r)`` weighted by each B expert's mix, ``(N, T, E·r)``: its product with the stacked experts
+    ``B (E·r, out)`` is ``h (Σ_i w_i B_i)`` for any routing's weights, ``(E,)``, ``(N, E)`` or ``(N, T, E)``."""
+    w = weights.to(h.dtype)
+    w = w[None, None] if w.dim() == 1 else w[:, None] if w.dim() == 2 else w
+    return (w[..., :, None] * h[..., None, :]).flatten(-2)

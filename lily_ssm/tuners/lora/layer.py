@@ -32,10 +32,10 @@ class LoraPool(AdapterPool):
     def parameter_kinds(self) -> dict[str, nn.Parameter]:
         return {"A": self.A, "B": self.B}
 
-    def delta(self, x: torch.Tensor, slot: TargetModule) -> torch.Tensor:
+    def factors(self, x: torch.Tensor, slot: TargetModule) -> tuple[torch.Tensor, torch.Tensor]:
         i = self.index[slot.key]
         h = self.activate(down_project(x, self.A[i], self.dropout))
-        return (h * self.scaling) @ self.B[i]  # scaled in rank space
+        return h * self.scaling, self.B[i].to(h.dtype)  # scaled in rank space
 
     def delta_weight(self, slot: TargetModule) -> torch.Tensor:
         if self.group.activation is not None:
