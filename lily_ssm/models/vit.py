@@ -96,9 +96,9 @@ def build_vit(num_classes: int, checkpoint: str | None = None, preset: str = "vi
         if not reads_legacy_vit_checkpoints() and any(".attention.attention." in k for k in info["unexpected_keys"]):
             import transformers
 
-            raise ViTCheckpointError(f"checkpoint {checkpoint} uses the hub's ViT key layout (encoder.layer.N.attention."
-                                     f"attention.query, ...), which transformers {transformers.__version__} cannot "
-                                     "read; transformers 5.18 and later convert it (pip install -U "
+            raise ViTCheckpointError(f"checkpoint {checkpoint} uses the hub's ViT key layout (encoder.layer.N."
+                                     f"attention.attention.query, ...), which transformers {transformers.__version__} "
+                                     "cannot read; transformers 5.18 and later convert it (pip install -U "
                                      "'transformers>=5.18')")
         raise ViTCheckpointError(f"checkpoint {checkpoint} lacks ViT backbone weights ({shown}); it is not a complete "
                                  "ViT checkpoint")
