@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# The GPU check, one script for one H100 / H200 with PyTorch and CUDA (mamba-ssm and causal-conv1d may be
-# absent; nothing is installed, no network is needed). About 3 minutes; every part has its own time limit
-# and the whole stays under 8, so it can run twice within 15 minutes.
-#   bash eval/gpu_check.sh            (results in $OUT, else ./gpu-check)
-# 1. pytest -m cuda tests/test_cuda.py: the kernel tests skip, naming what is missing, without the kernels;
-#    the tests of lily-ssm's PyTorch path on CUDA tensors (and of the fused core's memory) run either way.
-# 2. eval/bench/gpu_step.py: train-step tokens/s and peak CUDA memory of a 4-layer Falcon-Mamba at the 7B
-#    width for our Lily on in_proj, our Lily on in_proj + dt_proj, and PEFT's Lily on stock transformers.
-# It writes pytest_cuda.txt, gpu_step.txt, gpu_step.json and gpu_step.md, and exits non-zero if a part failed.
+# The GPU check: one script for one H100 / H200 with PyTorch and CUDA, under 10 minutes (every part has its own
+# time limit). Nothing is downloaded.
+#   KERNELS=path/to/gpu-kernels BEFORE=path/to/an/older/checkout OUT=results bash eval/gpu_check.sh
+# KERNELS (optional): a folder with setup.sh that installs prebuilt mamba-ssm and causal-conv1d (without them the
+#   kernel tests skip, naming what is missing, and the peer runs transformers' PyTorch path).
+# BEFORE (optional): an older lily-ssm checkout whose training step is profiled too, for a before/after table.
+# 1. lily-ssm env; 2. pytest -m cuda tests/test_cuda.py; 3. eval/bench/falcon_dt_norm.py (does stock
+# transformers train the function it evaluates?); 4. eval/bench/gpu_step.py --profile --decode (training and
+# decoding against the fused peer, the projected epoch); 5. with BEFORE, the same training arms on the older code.
+# Results in $OUT (default gpu-check): env.txt, pytest_cuda.txt, falcon_dt_norm.txt, step/gpu_step.{json,md},
+# before/gpu_step.{json,md}, kernels.txt. Exits non-zero if a part failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-gpu-check}"
@@ -15,24 +17,33 @@ mkdir -p "$OUT"
 PY="${PYTHON:-python3}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 status=0
+begin=$SECONDS
+part() { echo; echo "== $1 (at $((SECONDS - begin)) s)"; }
 
-echo "== environment"
-"$PY" - <<'PYEOF' 2>&1 | tee "$OUT/environment.txt"
-import importlib, torch
-print("torch", torch.__version__, "| CUDA", torch.version.cuda, "| device",
-      torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none")
-for name in ("transformers", "peft", "accelerate", "safetensors", "mamba_ssm", "causal_conv1d"):
-    try:
-        print(f"{name} {getattr(importlib.import_module(name), '__version__', '?')}")
-    except Exception as exc:
-        print(f"{name}: not importable ({type(exc).__name__})")
-PYEOF
+if [[ -n "${KERNELS:-}" ]]; then
+    part "installing the kernels from $KERNELS"
+    # shellcheck disable=SC1091
+    source "$KERNELS/setup.sh" /tmp/lily-ssm-kernels > "$OUT/kernels.txt" 2>&1 || status=1
+    tail -n 3 "$OUT/kernels.txt"
+fi
 
-echo "== pytest -m cuda"
-timeout 300 "$PY" -m pytest -m cuda -q -rs -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$OUT/pytest_cuda.txt" \
+part "lily-ssm env"
+timeout 60 "$PY" -m lily_ssm.cli env 2>&1 | tee "$OUT/env.txt" || status=1
+
+part "pytest -m cuda"
+timeout 230 "$PY" -m pytest -m cuda -q -rs -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$OUT/pytest_cuda.txt" \
     || status=1
 
-echo "== train-step timings"
-timeout 240 "$PY" eval/bench/gpu_step.py --out "$OUT" 2>&1 | tee "$OUT/gpu_step.txt" || status=1
+part "Falcon-Mamba: the function trained and the function evaluated"
+timeout 60 "$PY" eval/bench/falcon_dt_norm.py 2>&1 | tee "$OUT/falcon_dt_norm.txt" || status=1
 
+part "training and decoding against the fused peer"
+timeout 270 "$PY" eval/bench/gpu_step.py --out "$OUT/step" --profile --decode || status=1
+
+if [[ -n "${BEFORE:-}" ]]; then
+    part "the training step on the older code in $BEFORE"
+    PYTHONPATH="$BEFORE:$PYTHONPATH" timeout 90 "$PY" eval/bench/gpu_step.py --out "$OUT/before" --profile \
+        --arms lily-in,lily-dt-in,lora-in --no-projection || status=1
+fi
+part "done, status $status"
 exit $status

@@ -46,13 +46,14 @@ TRAIN_ARMS = {"lily-in": "lily-ssm Lily, in_proj", "lily-dt-in": "lily-ssm Lily,
               "peft-lily-in": "PEFT Lily, in_proj, stock"}
 PEER = "peft-lora-in"
 DECODE_ARMS = {"lily": "lily-ssm Lily, in_proj", "lora": "lily-ssm LoRA r8, in_proj",
-               "peft-lora": "PEFT LoRA r8, stock (peer)", "stock": "stock, no adapter"}
+               "peft-lora": "PEFT LoRA r8, stock (peer)", "stock": "stock, no adapter",
+               "lily-graphed": "lily-ssm Lily, in_proj, decode step in a CUDA graph"}
 DECODE_PEER = "peft-lora"
 # lily-ssm functions whose host time the profile reports (module path, attribute path)
-REGIONS = [("lily_ssm.tuners.lily.layer", "LilyPool.delta"), ("lily_ssm.tuners.lora.layer", "LoraPool.delta"),
-           ("lily_ssm.tuners.lily.layer", "mix_weights"), ("lily_ssm.tuners.liveness", "LivenessCheck.before"),
-           ("lily_ssm.tuners.liveness", "LivenessCheck.after"), ("lily_ssm.tuners.routing", "_RoutingHooks.before"),
-           ("lily_ssm.modules.mamba_mixer", "mamba_mixer_forward")]
+REGIONS = [("lily_ssm.tuners.base", "AdaptedLinear.forward"), ("lily_ssm.tuners.lily.layer", "mix_weights"),
+           ("lily_ssm.tuners.liveness", "LivenessCheck.before"), ("lily_ssm.tuners.liveness", "LivenessCheck.after"),
+           ("lily_ssm.tuners.routing", "_RoutingHooks.before"), ("lily_ssm.modules.mamba_mixer", "mamba_mixer_forward"),
+           ("lily_ssm.modules.recompute", "_FusedScan.backward")]
 
 
 def build_model(spec: dict, layers: int):
@@ -106,11 +107,14 @@ def _wrap_regions():
     import torch
 
     for module_name, path in REGIONS:
-        owner = importlib.import_module(module_name)
-        *parents, name = path.split(".")
-        for parent in parents:
-            owner = getattr(owner, parent)
-        original = getattr(owner, name)
+        try:
+            owner = importlib.import_module(module_name)
+            *parents, name = path.split(".")
+            for parent in parents:
+                owner = getattr(owner, parent)
+            original = getattr(owner, name)
+        except (ImportError, AttributeError):  # an older lily-ssm (the profile before a change) may lack it
+            continue
 
         def wrapped(*args, _original=original, _label=path, **kwargs):
             with torch.profiler.record_function(f"lily::{_label}"):
@@ -160,7 +164,7 @@ def train_worker(spec: dict) -> dict:
         batch, tokens = (int(v) for v in shape.split("x"))
         ids = torch.randint(2, spec["vocab"], (batch, tokens), device=device)
 
-        def step() -> None:
+        def step(ids=ids) -> None:
             model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -200,19 +204,28 @@ def decode_worker(spec: dict) -> dict:
     import torch
 
     device = torch.device(spec["device"])
-    model = adapt(build_model(spec, spec["layers"]), spec["arm"], spec["layers"])
+    graphed = spec["arm"].endswith("-graphed")
+    model = adapt(build_model(spec, spec["layers"]), spec["arm"].removesuffix("-graphed"), spec["layers"])
     model.eval()
     batch, prompt, new = spec["decode_batch"], spec["decode_prompt"], spec["decode_new"]
     ids = torch.randint(2, spec["vocab"], (batch, prompt), device=device)
     kwargs = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, use_cache=True, pad_token_id=0,
                   eos_token_id=None)
+    if graphed:
+        from lily_ssm.evaluation.decoding import greedy_decode
+
+        def generate(max_new: int):
+            return greedy_decode(model, ids, max_new, graph=device.type == "cuda")
+    else:
+        def generate(max_new: int):
+            return model.generate(ids, **{**kwargs, "max_new_tokens": max_new, "min_new_tokens": max_new})
     with torch.no_grad():
-        model.generate(ids, **{**kwargs, "max_new_tokens": 4, "min_new_tokens": 4})  # warm-up
+        generate(4)  # warm-up
         _sync(device)
         times = []
         for _ in range(spec["decode_repeats"]):
             start = time.perf_counter()
-            out = model.generate(ids, **kwargs)
+            out = generate(new)
             _sync(device)
             times.append(time.perf_counter() - start)
         start = time.perf_counter()  # the prompt alone, to take it out of the per-token time
