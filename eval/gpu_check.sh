@@ -5,9 +5,10 @@
 # KERNELS (optional): a folder with setup.sh that installs prebuilt mamba-ssm and causal-conv1d (without them the
 #   kernel tests skip, naming what is missing, and the peer runs transformers' PyTorch path).
 # BEFORE (optional): an older lily-ssm checkout whose training step is profiled too, for a before/after table.
-# 1. lily-ssm env; 2. pytest -m cuda tests/test_cuda.py; 3. eval/bench/falcon_dt_norm.py (does stock
-# transformers train the function it evaluates?); 4. eval/bench/gpu_step.py --profile --decode (training and
-# decoding against the fused peer, the projected epoch); 5. with BEFORE, the same training arms on the older code.
+# 1. lily-ssm env; 2. eval/bench/gpu_step.py --profile --decode (training and decoding against the fused peer, the
+# projected epoch); 3. with BEFORE, the same training arms on the older code; 4. eval/bench/falcon_dt_norm.py (does
+# stock transformers train the function it evaluates?); 5. pytest -m cuda tests/test_cuda.py, in the time left of
+# BUDGET seconds (default 580).
 # Results in $OUT (default gpu-check): env.txt, pytest_cuda.txt, falcon_dt_norm.txt, step/gpu_step.{json,md},
 # before/gpu_step.{json,md}, kernels.txt. Exits non-zero if a part failed.
 set -uo pipefail
@@ -27,15 +28,10 @@ if [[ -n "${KERNELS:-}" ]]; then
     tail -n 3 "$OUT/kernels.txt"
 fi
 
+left() { echo $(( ${BUDGET:-580} - (SECONDS - begin) )); }  # what is left of the whole check's time
+
 part "lily-ssm env"
 timeout 60 "$PY" -m lily_ssm.cli env 2>&1 | tee "$OUT/env.txt" || status=1
-
-part "pytest -m cuda"
-timeout 230 "$PY" -m pytest -m cuda -q -rs -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$OUT/pytest_cuda.txt" \
-    || status=1
-
-part "Falcon-Mamba: the function trained and the function evaluated"
-timeout 60 "$PY" eval/bench/falcon_dt_norm.py 2>&1 | tee "$OUT/falcon_dt_norm.txt" || status=1
 
 part "training and decoding against the fused peer"
 timeout 270 "$PY" eval/bench/gpu_step.py --out "$OUT/step" --profile --decode || status=1
@@ -45,5 +41,12 @@ if [[ -n "${BEFORE:-}" ]]; then
     PYTHONPATH="$BEFORE:$PYTHONPATH" timeout 90 "$PY" eval/bench/gpu_step.py --out "$OUT/before" --profile \
         --arms lily-in,lily-dt-in,lora-in --no-projection || status=1
 fi
+
+part "Falcon-Mamba: the function trained and the function evaluated"
+timeout 60 "$PY" eval/bench/falcon_dt_norm.py 2>&1 | tee "$OUT/falcon_dt_norm.txt" || status=1
+
+part "pytest -m cuda (within the $(left) s left)"
+timeout "$(left)" "$PY" -m pytest -m cuda -q -rs --durations=8 -p no:cacheprovider tests/test_cuda.py 2>&1 \
+    | tee "$OUT/pytest_cuda.txt" || status=1
 part "done, status $status"
 exit $status

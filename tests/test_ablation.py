@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -13,6 +14,8 @@ from lily_ssm.ablation import load_ablation, parse_ablation, plan_arms, run_abla
 from lily_ssm.cli import main as cli
 from lily_ssm.data.vtab import write_fake_vtab
 from lily_ssm.utils.sections import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +112,7 @@ def test_vim_ablation_runs_each_arm_on_the_tasks(tmp_path):
 
 
 def test_shipped_tiny_config_plans_every_arm_within_five_percent():
-    config = load_ablation("configs/ablation/tiny.yaml")
+    config = load_ablation(ROOT / "configs" / "ablation" / "tiny.yaml")
     from test_budget import tiny_mamba  # a tiny stand-in with the same target names: plan on it, not the cache
 
     arms = plan_arms(config, tiny_mamba("falcon", layers=4))
@@ -214,7 +217,7 @@ def test_cli_dry_run_and_unreachable_budget(assets, tmp_path, capsys):
 
 @pytest.mark.parametrize("name", ["tiny.yaml", "falcon-mamba-7b.yaml", "vim_s.yaml"])
 def test_shipped_ablation_configs_parse(name):
-    config = load_ablation(f"configs/ablation/{name}")
+    config = load_ablation(ROOT / "configs" / "ablation" / name)
     assert len(config.target_sets()) == 8 and config.ablation.methods == ["lily", "lora"]
 
 
