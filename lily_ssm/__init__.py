@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__version__ = "0.1.0"
+from .version import __version__ as __version__
 
 _API = {
     "AdapterLoadError": "lily_ssm.persistence", "DeadAdapterError": "lily_ssm.tuners.liveness",

@@ -115,7 +115,7 @@ def report() -> str:
     """The whole report, one fact per line."""
     import torch
 
-    from . import __version__
+    from .version import __version__
 
     lines = [f"lily-ssm: {__version__}", f"Python: {sys.version.split()[0]} ({platform.platform()})",
              f"torch: {torch.__version__}, CUDA {torch.version.cuda or 'none (a CPU build)'}"]

@@ -334,6 +334,6 @@ def test_the_ablation_runner_plans_and_runs_vit_arms(trained, tmp_path):
 def test_the_shipped_vit_ablation_plans_every_arm_within_five_percent():
     from lily_ssm.ablation import load_ablation, plan_arms
 
-    arms = plan_arms(load_ablation(Path(__file__).resolve().parents[1] / "configs" / "ablation" / "vit_b.yaml"))  # planned on a meta-device ViT-B/16
+    arms = plan_arms(load_ablation(CONFIGS.parent / "ablation" / "vit_b.yaml"))  # planned on a meta-device ViT-B/16
     assert len(arms) == 8 and all(abs(a.deviation) <= 0.05 for a in arms)
     assert {a.adapter["num_A"] for a in arms if a.method == "lily"} == {12}
