@@ -184,6 +184,17 @@ def test_lora_on_interleaved_parts_merges_into_their_rows():
     torch.testing.assert_close(merged, adapted, rtol=1e-4, atol=1e-4)
 
 
+def test_an_interleaved_part_adapter_round_trips_through_save_and_load(tmp_path):
+    model = lily_ssm.apply_adapter(tiny_hybrid("qwen3_next"), _lily(["in_proj_qkvz.v", "in_proj_ba.b"]))
+    randomise_adapter(model)
+    with torch.no_grad():
+        expected = model(IDS).logits
+    lily_ssm.save_adapter(model, tmp_path)
+    loaded = lily_ssm.load_adapter(tiny_hybrid("qwen3_next"), tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(IDS).logits, expected)
+
+
 @pytest.mark.parametrize("kind", HYBRIDS)
 def test_a_bypassed_projection_of_the_recurrent_layer_is_refused(kind):
     """The liveness check covers these layers: were a path to compute with out_proj's weight instead of calling it
