@@ -7,7 +7,8 @@
 # BEFORE (optional): an older lily-ssm checkout whose training step is profiled too, for a before/after table.
 # 1. lily-ssm env; 2. eval/bench/gpu_step.py --profile --decode (training and decoding against the fused peer, the
 # projected epoch); 3. with BEFORE, the same training arms on the older code; 4. eval/bench/falcon_dt_norm.py (does
-# stock transformers train the function it evaluates?); 5. pytest -m cuda tests/test_cuda.py, in the time left of
+# stock transformers train the function it evaluates?); 5. pytest -m cuda tests/test_cuda.py tests/test_hybrids.py
+# (the hybrids' kernel paths, where flash-linear-attention and causal-conv1d import), in the time left of
 # BUDGET seconds (default 580).
 # Results in $OUT (default gpu-check): env.txt, pytest_cuda.txt, falcon_dt_norm.txt, step/gpu_step.{json,md},
 # before/gpu_step.{json,md}, kernels.txt. Exits non-zero if a part failed.
@@ -46,7 +47,7 @@ part "Falcon-Mamba: the function trained and the function evaluated"
 timeout 60 "$PY" eval/bench/falcon_dt_norm.py 2>&1 | tee "$OUT/falcon_dt_norm.txt" || status=1
 
 part "pytest -m cuda (within the $(left) s left)"
-timeout "$(left)" "$PY" -m pytest -m cuda -q -rs --durations=8 -p no:cacheprovider tests/test_cuda.py 2>&1 \
-    | tee "$OUT/pytest_cuda.txt" || status=1
+timeout "$(left)" "$PY" -m pytest -m cuda -q -rs --durations=8 -p no:cacheprovider tests/test_cuda.py \
+    tests/test_hybrids.py 2>&1 | tee "$OUT/pytest_cuda.txt" || status=1
 part "done, status $status"
 exit $status

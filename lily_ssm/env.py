@@ -1,6 +1,7 @@
 """``lily-ssm env``: the facts a bug report needs, in lines to paste (as ``transformers env`` and ``accelerate env``).
 
-Versions of Python, torch, CUDA and the GPU; whether ``mamba-ssm`` / ``causal-conv1d`` import (and why not); which
+Versions of Python, torch, CUDA and the GPU; whether ``mamba-ssm`` / ``causal-conv1d`` / ``flash-linear-attention``
+import (and why not); which
 scan and convolution each model family takes on each device; and which installed packages fall outside the ranges
 lily-ssm declares (read from its own package metadata, or its ``pyproject.toml`` when run from a checkout).
 """
@@ -24,6 +25,14 @@ FAMILIES = {  # family -> (its scan, the kernel it runs on CUDA, the training co
     "Mamba-1 (Mamba, Falcon-Mamba, Jamba, Vim)": ("selective scan", "selective_scan_fn", "selective_scan_cuda"),
     "Mamba-2 (Mamba2, Bamba, Falcon-H1, Nemotron-H, Zamba2, Granite 4.0)": ("SSD scan", "mamba_chunk_scan_combined",
                                                                             None),
+}
+# The hybrids' recurrent layers run transformers' own forwards (they call every projection as a module): family ->
+# (its recurrence, flash-linear-attention's kernel for it, or None for a convolution only). transformers takes
+# flash-linear-attention and causal-conv1d where they import and the tensors are on CUDA, its PyTorch code elsewhere.
+HYBRID_FAMILIES = {
+    "Gated DeltaNet (Qwen3-Next, Qwen3.5, OLMo-Hybrid)": ("gated delta rule", "chunk_gated_delta_rule"),
+    "Kimi Delta Attention (Kimi Linear)": ("gated delta rule with per-channel decay", "chunk_kda"),
+    "Gated short convolution (LFM2, LFM2-MoE)": (None, None),
 }
 
 
@@ -87,7 +96,19 @@ def kernel_lines() -> list[str]:
         error = next((e for e in map(kernels.import_error, probes) if e is not None), None)
         state = "imports" if error is None else f"does not import ({error})"
         lines.append(f"{package}: {version or 'not installed'}, {state}")
+    error = fla_import_error()
+    lines.append(f"flash-linear-attention: {installed_version('flash-linear-attention') or 'not installed'}, "
+                 + ("imports" if error is None else f"does not import ({error})"))
     return lines
+
+
+def fla_import_error() -> str | None:
+    """Why flash-linear-attention (``fla``, the hybrids' recurrence kernels) does not import, or None."""
+    try:
+        import fla  # noqa: F401
+    except Exception as exc:  # an installed package can fail on its own imports (triton, CUDA)
+        return f"{type(exc).__name__}: {exc}"
+    return None
 
 
 def path_lines(cuda: bool) -> list[str]:
@@ -108,6 +129,16 @@ def path_lines(cuda: bool) -> list[str]:
                 scan_text += f"; training falls back to the PyTorch scan ({training_kernel} missing)"
             conv_text = "causal-conv1d" if conv else "lily-ssm's PyTorch convolution (causal-conv1d missing)"
             lines.append(f"{family} on {device}: {scan_text}, {conv_text}")
+    fla = fla_import_error() is None
+    for family, (recurrence, kernel) in HYBRID_FAMILIES.items():
+        for device in devices:
+            parts = [] if recurrence is None else [
+                f"flash-linear-attention's {kernel}" if fla and device != "cpu"
+                else f"transformers' PyTorch {recurrence}" + ("" if device == "cpu" or fla
+                                                              else " (flash-linear-attention missing)")]
+            parts.append("causal-conv1d" if conv and device != "cpu" else "transformers' PyTorch convolution"
+                         + ("" if device == "cpu" or conv else " (causal-conv1d missing)"))
+            lines.append(f"{family} on {device}: transformers' forward (every projection a module), {', '.join(parts)}")
     return lines
 
 

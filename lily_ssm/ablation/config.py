@@ -17,12 +17,21 @@ from typing import Any
 from torch import nn
 
 from ..config import experiment, vtab
-from ..modules.registry import MAMBA2_MIXERS
+from ..modules.registry import MAMBA2_MIXERS, SHORT_CONV_LAYERS
 from ..tuners.lily.config import ROUTING_MODES, lookahead_problem
 from ..utils.sections import Bound, ConfigError, parse_sections, read_yaml, setting
 
 PATHS = ("language", "vim")
 METHODS = ("lily", "lora")
+
+def _gated_delta_sets(q: str, k: str, v: str, z: str, b: str, a: str, out: str, qkvz: list[str] | None = None,
+                      ba: list[str] | None = None) -> dict[str, list[str]]:
+    """A gated-delta-rule layer's presets from the targets of its q, k, v, z, β (b), decay gate (a) and output
+    projection (or parts); ``qkvz`` / ``ba`` are the packed modules where the family has them."""
+    return {"qkvz": qkvz or [q, k, v, z], "q.k.v": [q, k, v], "q": [q], "k": [k], "v": [v], "z": [z],
+            "ba": ba or [b, a], "b": [b], "a": [a], "out_proj": [out],
+            "all": [*(qkvz or [q, k, v, z]), *(ba or [b, a]), out]}
+
 
 # Named target sets. "Δ" is dt_proj; Vim's bidirectional mixer has a second x_proj / dt_proj per layer
 # (x_proj_b / dt_proj_b) and its sets cover both directions.
@@ -38,6 +47,27 @@ TARGET_SETS: dict[str, dict[str, list[str]]] = {
         "in": ["in_proj"], "out_proj": ["out_proj"], "in.z": ["in_proj.z"], "in.x": ["in_proj.x"],
         "in.B": ["in_proj.B"], "in.C": ["in_proj.C"], "in.dt": ["in_proj.dt"], "in.x+dt": ["in_proj.x", "in_proj.dt"],
         "all": ["in_proj", "out_proj"],
+    },
+    # The hybrids' recurrent layers (docs: the family table). Gated delta rule: q / k / v, the output gate z, β
+    # (b) and the decay gate (a, the Δ analogue); their names are qualified where the attention layers share them.
+    "language-qwen3-next": _gated_delta_sets("in_proj_qkvz.q", "in_proj_qkvz.k", "in_proj_qkvz.v", "in_proj_qkvz.z",
+                                             "in_proj_ba.b", "in_proj_ba.a", "linear_attn.out_proj",
+                                             qkvz=["in_proj_qkvz"], ba=["in_proj_ba"]),
+    "language-qwen3.5": _gated_delta_sets("in_proj_qkv.q", "in_proj_qkv.k", "in_proj_qkv.v", "in_proj_z", "in_proj_b",
+                                          "in_proj_a", "linear_attn.out_proj", qkvz=["in_proj_qkv", "in_proj_z"]),
+    "language-olmo-hybrid": _gated_delta_sets(*(f"linear_attn.{n}_proj" for n in ("q", "k", "v", "g", "b", "a", "o"))),
+    # Kimi Linear's q_proj / o_proj share their names with its MLA attention layers', so no name-based preset
+    # can single them out; these presets adapt only projections no attention layer has.
+    "language-kimi-linear": {
+        "k.v": ["self_attn.k_proj", "self_attn.v_proj"], "z": ["self_attn.g_a_proj", "self_attn.g_b_proj"],
+        "b": ["self_attn.b_proj"], "a": ["forget_gate.f_a_proj", "forget_gate.f_b_proj"],
+        "k.v+z+b+a": ["self_attn.k_proj", "self_attn.v_proj", "self_attn.g_a_proj", "self_attn.g_b_proj",
+                      "self_attn.b_proj", "forget_gate.f_a_proj", "forget_gate.f_b_proj"],
+    },
+    # LFM2's gated short convolution: in_proj packs B, C and x in thirds.
+    "language-lfm2": {
+        "in": ["conv.in_proj"], "in.B": ["conv.in_proj.B"], "in.C": ["conv.in_proj.C"], "in.x": ["conv.in_proj.x"],
+        "out_proj": ["conv.out_proj"], "all": ["conv.in_proj", "conv.out_proj"],
     },
     "vim": {
         "in": ["in_proj"], "dt": ["dt_proj", "dt_proj_b"], "dt+in": ["in_proj", "dt_proj", "dt_proj_b"],
@@ -56,11 +86,21 @@ TARGET_SETS: dict[str, dict[str, list[str]]] = {
 }
 DEFAULT_SETS = {"language": ["in", "dt", "dt+in", "x_proj", "out_proj", "in.x", "in.z", "all"],
                 "language-mamba2": ["in", "out_proj", "in.z", "in.x", "in.B", "in.C", "in.dt", "all"],
+                **{t: ["qkvz", "q.k.v", "z", "ba", "b", "a", "out_proj", "all"]
+                   for t in ("language-qwen3-next", "language-qwen3.5", "language-olmo-hybrid")},
+                "language-kimi-linear": ["k.v", "z", "b", "a", "k.v+z+b+a"],
+                "language-lfm2": ["in", "in.B", "in.C", "in.x", "out_proj", "all"],
                 "vim": ["in", "dt", "dt+in", "x_proj", "out_proj", "in.x", "in.z", "all"],
                 "vit": ["qv", "mlp", "qv+mlp", "kv+mlp"]}
 # By preset table: Mamba LMs route causally; Vim per token (the paper's Vim runs); ViT per batch (the
 # published vit/lily.py averages the router softmax over the batch and its tokens).
-DEFAULT_ROUTING = {"language": "causal", "language-mamba2": "causal", "vim": "token", "vit": "batch"}
+DEFAULT_ROUTING = {**{t: "causal" for t in TARGET_SETS if t.startswith("language")}, "vim": "token", "vit": "batch"}
+# The preset table of a language model with one of these layers (else Mamba-1's).
+LAYER_TABLES = {**{name: "language-mamba2" for name in MAMBA2_MIXERS},
+                "Qwen3NextGatedDeltaNet": "language-qwen3-next", "Qwen3_5GatedDeltaNet": "language-qwen3.5",
+                "Qwen3_5MoeGatedDeltaNet": "language-qwen3.5", "OlmoHybridGatedDeltaNet": "language-olmo-hybrid",
+                "KimiLinearDeltaAttention": "language-kimi-linear",
+                **{name: "language-lfm2" for name in SHORT_CONV_LAYERS}}
 DEFAULT_METHOD_SETTINGS = {"lily": {"num_A": 4, "num_B": 4}, "lora": {}}  # LoRA: alpha = 2·r unless set
 _SET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")  # names become folder names
 
@@ -107,13 +147,12 @@ class AblationConfig:
 
     def presets(self, model: nn.Module | None = None) -> str:
         """The preset table of the arms' architecture: on the VTAB path its ``model.kind`` (``vim`` or
-        ``vit``); on the language path ``language`` (Mamba-1) or ``language-mamba2`` (when ``model`` has
-        transformers Mamba-2 mixers)."""
+        ``vit``); on the language path ``language`` (Mamba-1), or the table of the recurrent layers ``model``
+        has (:data:`LAYER_TABLES`: Mamba-2 mixers, the hybrids' gated-delta-rule and short-convolution layers)."""
         if self.ablation.path != "language":
             return str(self.sections["model"].get("kind", "vim"))
-        if model is not None and any(type(m).__name__ in MAMBA2_MIXERS for m in model.modules()):
-            return "language-mamba2"
-        return self.ablation.path
+        kinds = {type(m).__name__ for m in model.modules()} if model is not None else set()
+        return next((LAYER_TABLES[k] for k in LAYER_TABLES if k in kinds), self.ablation.path)
 
     def target_sets(self, model: nn.Module | None = None) -> dict[str, list[str]]:
         """The target sets by name. Without ``model``, preset names are checked against every table of the

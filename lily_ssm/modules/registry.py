@@ -22,6 +22,13 @@ MAMBA1_MIXERS = ("MambaMixer", "FalconMambaMixer", "JambaMambaMixer", "VimMixer"
 # transformers' Mamba-2 mixers: in_proj is [z, x, B, C, dt] (after any MLP halves), no x_proj or dt_proj.
 MAMBA2_MIXERS = ("Mamba2Mixer", "BambaMixer", "FalconH1Mixer", "NemotronHMamba2Mixer", "Zamba2MambaMixer",
                  "GraniteMoeHybridMambaLayer")
+# transformers' linear-recurrent layers of the hybrids (gated delta rule; LFM2's gated short convolution). They call
+# every projection as a module on every path (their kernels, flash-linear-attention and causal-conv1d, take the
+# projections' outputs, not their weights), so lily-ssm leaves their forwards alone; the liveness check
+# (lily_ssm.tuners.liveness) still proves on each mode's first forward that every adapter ran.
+GATED_DELTA_LAYERS = ("Qwen3NextGatedDeltaNet", "Qwen3_5GatedDeltaNet", "Qwen3_5MoeGatedDeltaNet",
+                      "OlmoHybridGatedDeltaNet", "KimiLinearDeltaAttention")
+SHORT_CONV_LAYERS = ("Lfm2ShortConv", "Lfm2MoeShortConv")
 
 
 def owned_forward(module: nn.Module) -> Callable[..., Any] | None:

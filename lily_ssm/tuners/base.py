@@ -192,9 +192,12 @@ class AdaptedLinear(nn.Linear):
             if slot.out_slice is None and left.dtype == right.dtype == out.dtype:
                 # out += left @ right inside one product (the matrix unit adds to its output as it goes)
                 out.view(-1, out.shape[-1]).addmm_(left.reshape(-1, left.shape[-1]), right)
-            else:
-                target = out if slot.out_slice is None else out[..., slot.out_slice[0]:slot.out_slice[1]]
-                target += (left @ right).to(out.dtype)
+            elif slot.out_slice is None:
+                out += (left @ right).to(out.dtype)
+            else:  # the part: out_slice of each of out_groups blocks (views of out, so in place)
+                start, stop = slot.out_slice
+                part = out.unflatten(-1, (slot.out_groups, -1))[..., start:stop]
+                part += (left @ right).to(out.dtype).unflatten(-1, (slot.out_groups, stop - start))
         return out
 
     def forward_without_bias(self, x: torch.Tensor) -> torch.Tensor:

@@ -90,7 +90,8 @@ class LivenessCheck:
         return (f"adapters on {shown} did not run ({mode}): their parent modules ({', '.join(kinds)}) ran without "
                 "calling them, so the model computes with those projections' weights directly and the adapters "
                 "would silently change nothing. lily-ssm owns the forwards of transformers' Mamba-1 and Mamba-2 "
-                "mixers and of its Vim; for this module, target other projections")
+                "mixers and of its Vim, and relies on transformers' gated-delta-rule and short-convolution layers "
+                "calling their projections; for this module, target other projections")
 
     def mark_ran(self, module: nn.Module) -> None:
         self.ran.add(id(module))

@@ -270,9 +270,12 @@ def merge_adapter(model: nn.Module) -> nn.Module:
             pool = state.pools[key]
             for slot in group.modules:
                 weight = model.get_submodule(slot.name).weight
-                if slot.out_slice is not None:
-                    weight = weight[slot.out_slice[0]:slot.out_slice[1]]
-                weight += pool.delta_weight(slot).to(weight.dtype)
+                update = pool.delta_weight(slot).to(weight.dtype)
+                if slot.out_slice is not None:  # the part's rows: out_slice of each of out_groups blocks
+                    start, stop = slot.out_slice
+                    weight = weight.unflatten(0, (slot.out_groups, -1))[:, start:stop]
+                    update = update.unflatten(0, (slot.out_groups, stop - start))
+                weight += update
     content = adapter_content_sha256(state.tensors())
     _remove_adapter(model, state)
     holder = getattr(model, "config", None)

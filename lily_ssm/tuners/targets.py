@@ -4,9 +4,10 @@ A *target type* is the set of modules one shared pool of adapter weights serves 
 ``in_proj`` in the model). Within a type, modules are ordered by the layer index read from their
 path, which decides which locally shared A expert each layer uses.
 
-A target may also name a *part* of a Mamba projection's output: ``in_proj.x`` / ``in_proj.z`` (the
+A target may also name a *part* of a packed projection's output: ``in_proj.x`` / ``in_proj.z`` (the
 SSM input and the gate halves) and ``x_proj.dt`` / ``x_proj.B`` / ``x_proj.C`` (the Δ, B and C
-slices). The adapter then adds to those output features only.
+slices) on Mamba; on the hybrids, e.g. ``in_proj_qkvz.q`` or ``in_proj_ba.a`` (Qwen3-Next's decay gate, the Δ
+analogue). The adapter then adds to those output features only.
 
 Or it may name a whole *block* an adapter runs parallel to (ViT's ``mlp``; see :mod:`.blocks`): the
 adapter reads the block's input and adds to its output, with the block kind's nonlinearity between A
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ..modules.registry import MAMBA1_MIXERS, MAMBA2_MIXERS
+from ..modules.registry import GATED_DELTA_LAYERS, MAMBA1_MIXERS, MAMBA2_MIXERS, SHORT_CONV_LAYERS
 from .blocks import BLOCKS_HELP, block_kind, block_widths
 
 _PLAIN_NAME = re.compile(r"^[A-Za-z_][\w.]*$")
@@ -36,7 +37,8 @@ class TargetModule:
     in_features: int
     out_features: int  # of the adapted part
     part: str | None = None  # e.g. "x" for in_proj.x; None for the whole output
-    out_slice: tuple[int, int] | None = None  # [start, stop) of the module's output the part covers
+    out_slice: tuple[int, int] | None = None  # [start, stop) of the module's output (of each group) the part covers
+    out_groups: int = 1  # the output is this many equal blocks, and the part is out_slice of each
 
     @property
     def key(self) -> str:
@@ -86,10 +88,30 @@ def _suffix_match(name: str, suffix: str) -> bool:
 PARTS = {"in_proj": ("x", "z"), "x_proj": ("dt", "B", "C")}
 MAMBA2_PARTS = ("z", "x", "B", "C", "dt")
 _PARTS_HELP = ("in_proj.x / in_proj.z (SSM input / gate halves) and x_proj.dt / x_proj.B / x_proj.C on Mamba-1; "
-               "in_proj.z / .x / .B / .C / .dt on Mamba-2")
+               "in_proj.z / .x / .B / .C / .dt on Mamba-2; in_proj_qkvz.q / .k / .v / .z and in_proj_ba.b / .a on "
+               "Qwen3-Next; in_proj_qkv.q / .k / .v on Qwen3.5; in_proj.B / .C / .x on LFM2")
 
 
-def mamba2_in_proj_parts(mixer: nn.Module, out_features: int) -> dict[str, tuple[int, int]]:
+@dataclass(frozen=True)
+class OutputPart:
+    """Output features ``[start, stop)`` of each of ``groups`` equal blocks of a projection's output: one
+    contiguous slice when ``groups`` is 1; Qwen3-Next's per-key-head-group interleaving otherwise."""
+
+    start: int
+    stop: int
+    groups: int = 1
+
+    @property
+    def width(self) -> int:
+        return self.groups * (self.stop - self.start)
+
+
+def _packed(names: tuple[str, ...], widths: list[int], groups: int = 1) -> dict[str, OutputPart]:
+    bounds = [sum(widths[:i]) for i in range(len(widths) + 1)]
+    return {n: OutputPart(a, b, groups) for n, a, b in zip(names, bounds[:-1], bounds[1:])}
+
+
+def mamba2_in_proj_parts(mixer: nn.Module, out_features: int) -> dict[str, OutputPart]:
     """The output slices of a Mamba-2 ``in_proj``: ``z`` (gate), ``x``, ``B``, ``C`` and ``dt``, after any
     leading MLP halves that some checkpoints put first."""
     d, gn, h = mixer.intermediate_size, mixer.n_groups * mixer.ssm_state_size, mixer.num_heads
@@ -98,43 +120,74 @@ def mamba2_in_proj_parts(mixer: nn.Module, out_features: int) -> dict[str, tuple
         raise ValueError(f"in_proj of {type(mixer).__name__} has {out_features} outputs; expected 2·{d} + 2·{gn} + "
                          f"{h} (z, x, B, C, dt), after an even number of MLP outputs")
     bounds = [start, start + d, start + 2 * d, start + 2 * d + gn, start + 2 * d + 2 * gn, out_features]
-    return dict(zip(MAMBA2_PARTS, zip(bounds[:-1], bounds[1:])))
+    return {n: OutputPart(a, b) for n, a, b in zip(MAMBA2_PARTS, bounds[:-1], bounds[1:])}
 
 
-def output_parts(model: nn.Module, name: str, module: nn.Linear) -> dict[str, tuple[int, int]] | None:
-    """The named output slices of a Mamba projection (None if ``name`` is not one).
+def recurrent_layer_parts(layer: nn.Module, leaf: str, out_features: int) -> dict[str, OutputPart] | None:
+    """The output parts of a packed projection ``leaf`` of a gated-delta-rule or short-convolution layer, or
+    None if it has none.
+
+    Qwen3-Next packs per key-head group: ``in_proj_qkvz`` is, for each of the ``num_k_heads`` groups,
+    ``[q, k, v, z]`` (``head_k_dim, head_k_dim, r·head_v_dim, r·head_v_dim`` with ``r = num_v_heads /
+    num_k_heads``) and ``in_proj_ba`` is ``[b, a]`` (``r, r``) per group, as its
+    ``fix_query_key_value_ordering`` unpacks them. Qwen3.5's ``in_proj_qkv`` is ``[q, k, v]`` whole; LFM2's
+    ``in_proj`` is ``[B, C, x]`` in thirds.
+    """
+    kind = type(layer).__name__
+    if kind == "Qwen3NextGatedDeltaNet" and leaf in ("in_proj_qkvz", "in_proj_ba"):
+        groups, r = layer.num_k_heads, layer.num_v_heads // layer.num_k_heads
+        parts = (_packed(("q", "k", "v", "z"), [layer.head_k_dim] * 2 + [r * layer.head_v_dim] * 2, groups)
+                 if leaf == "in_proj_qkvz" else _packed(("b", "a"), [r, r], groups))
+    elif kind in ("Qwen3_5GatedDeltaNet", "Qwen3_5MoeGatedDeltaNet") and leaf == "in_proj_qkv":
+        parts = _packed(("q", "k", "v"), [layer.key_dim, layer.key_dim, layer.value_dim])
+    elif kind in SHORT_CONV_LAYERS and leaf == "in_proj":
+        third = out_features // 3
+        parts = _packed(("B", "C", "x"), [third] * 3)
+    else:
+        return None
+    width = sum(p.width for p in parts.values())
+    if width != out_features:
+        raise ValueError(f"{leaf} of {kind} has {out_features} outputs; its packed parts "
+                         f"({', '.join(parts)}) need {width}")
+    return parts
+
+
+def output_parts(model: nn.Module, name: str, module: nn.Linear) -> dict[str, OutputPart] | None:
+    """The named output parts of a packed projection (None if ``name`` is not one).
 
     A Mamba-1 ``in_proj`` is split in halves (x, z). ``x_proj`` (and Vim's ``x_proj_b``) is split as
     ``[dt_rank, d_state, d_state]``; dt_rank is read from the sibling ``dt_proj`` (``dt_proj_b``), whose
-    input is the Δ slice. A Mamba-2 ``in_proj`` is ``[z, x, B, C, dt]`` (:func:`mamba2_in_proj_parts`).
+    input is the Δ slice. A Mamba-2 ``in_proj`` is ``[z, x, B, C, dt]`` (:func:`mamba2_in_proj_parts`). The
+    hybrids' packed projections are in :func:`recurrent_layer_parts`.
     """
     parent_name, _, leaf = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
+    kind = type(parent).__name__
+    if kind in GATED_DELTA_LAYERS + SHORT_CONV_LAYERS:
+        return recurrent_layer_parts(parent, leaf, module.out_features)
     if leaf != "in_proj" and not leaf.startswith("x_proj"):
         return None
-    kind = type(parent).__name__
     if kind in MAMBA2_MIXERS and leaf == "in_proj":
         return mamba2_in_proj_parts(parent, module.out_features)
     if kind not in MAMBA1_MIXERS:
         raise ValueError(f"parts of {name} are not defined: its parent is a {kind}, and parts are defined for the "
-                         f"Mamba mixers {', '.join(MAMBA1_MIXERS + MAMBA2_MIXERS)}")
+                         f"Mamba mixers {', '.join(MAMBA1_MIXERS + MAMBA2_MIXERS)} and the hybrids' recurrent "
+                         f"layers {', '.join(GATED_DELTA_LAYERS + SHORT_CONV_LAYERS)}")
     out = module.out_features
     if leaf == "in_proj":
         if out % 2:
             raise ValueError(f"{name} has {out} outputs; a Mamba in_proj has an even number (x and z halves)")
-        return {"x": (0, out // 2), "z": (out // 2, out)}
-    if leaf.startswith("x_proj"):
-        sibling = name[: len(name) - len(leaf)] + "dt_proj" + leaf[len("x_proj"):]
-        try:
-            dt_proj = model.get_submodule(sibling)
-        except AttributeError:
-            return None
-        rank = dt_proj.in_features
-        if rank >= out or (out - rank) % 2:
-            raise ValueError(f"{name} has {out} outputs and {sibling} takes {rank}; expected dt_rank + 2·d_state")
-        state = (out - rank) // 2
-        return {"dt": (0, rank), "B": (rank, rank + state), "C": (rank + state, out)}
-    return None
+        return _packed(("x", "z"), [out // 2, out // 2])
+    sibling = name[: len(name) - len(leaf)] + "dt_proj" + leaf[len("x_proj"):]
+    try:
+        dt_proj = model.get_submodule(sibling)
+    except AttributeError:
+        return None
+    rank = dt_proj.in_features
+    if rank >= out or (out - rank) % 2:
+        raise ValueError(f"{name} has {out} outputs and {sibling} takes {rank}; expected dt_rank + 2·d_state")
+    state = (out - rank) // 2
+    return _packed(("dt", "B", "C"), [rank, state, state])
 
 
 def linear_layer_names(model: nn.Module) -> list[str]:
@@ -199,9 +252,11 @@ def find_targets(model: nn.Module, targets: str | list[str] | tuple[str, ...]) -
         if kind is not None:
             slots.append(_Slot(key, name, None, None, *block_widths(module, kind), kind.activation))
             continue
-        out_slice = output_parts(model, name, module)[part] if part is not None else None
-        out = module.out_features if out_slice is None else out_slice[1] - out_slice[0]
-        slots.append(_Slot(key, name, part, out_slice, module.in_features, out))
+        found = output_parts(model, name, module)[part] if part is not None else None
+        out = module.out_features if found is None else found.width
+        out_slice = None if found is None else (found.start, found.stop)
+        slots.append(_Slot(key, name, part, out_slice, module.in_features, out, out_groups=found.groups if found
+                           else 1))
 
     # Split each type by shape (e.g. ViT's `dense` is 768->768, 768->3072 and 3072->768).
     by_key: dict[str, list[_Slot]] = {}
@@ -228,6 +283,7 @@ class _Slot:
     in_features: int
     out_features: int
     activation: str | None = None
+    out_groups: int = 1
 
 
 def _match_suffix(model: nn.Module, named: list[tuple[str, nn.Module]],
@@ -264,7 +320,7 @@ def _make_group(key: str, members: list[_Slot]) -> TargetGroup:
         positions = list(range(len(members)))
         num_layers = len(members)
     modules = tuple(
-        TargetModule(m.name, i, p, m.in_features, m.out_features, m.part, m.out_slice)
+        TargetModule(m.name, i, p, m.in_features, m.out_features, m.part, m.out_slice, m.out_groups)
         for m, i, p in sorted(zip(members, indices, positions), key=lambda t: (t[2], t[0].name))
     )
     return TargetGroup(key, modules, num_layers, members[0].in_features, members[0].out_features,
