@@ -317,3 +317,74 @@ def test_the_lily_lm_eval_backend_scores_a_native_folder(tmp_path):
         torch.testing.assert_close(with_adapter.model(IDS).logits, adapted_logits, rtol=0, atol=0)
     with pytest.raises(MambaSsmCheckpointError, match="peft='x' is not available with the mamba-ssm checkpoint"):
         LilyLM(pretrained=str(folder), peft="x", device="cpu")
+
+
+# --- lm-eval's plugin entry point: `lm_eval --model lily` without the lily-ssm lm-eval wrapper
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def lm_eval_entry_point() -> str:
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    return project["entry-points"]["lm_eval.models"]["lily"]
+
+
+def run_python(code: str, extra_path: Path | None = None):
+    import os
+    import subprocess
+    import sys
+
+    paths = [str(p) for p in (extra_path, ROOT) if p is not None]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([*paths, os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_pyproject_registers_the_lily_backend_under_lm_evals_entry_point_group():
+    pytest.importorskip("lm_eval")
+    from importlib.metadata import EntryPoint
+
+    from lm_eval.api.registry import get_model
+
+    from lily_ssm.evaluation.harness import LilyLM
+
+    value = lm_eval_entry_point()
+    assert EntryPoint(name="lily", value=value, group="lm_eval.models").load() is LilyLM is get_model("lily")
+    # lm-eval records a discovered plugin as a lazy "module:object" placeholder; the class's own @register_model
+    # upgrades it only when the two name the same object where it is defined (a re-export would collide).
+    assert value == f"{LilyLM.__module__}:{LilyLM.__qualname__}"
+
+
+def test_lm_evals_lazy_placeholder_resolves_to_the_backend_in_a_fresh_process():
+    pytest.importorskip("lm_eval")
+    code = ("from lm_eval.api.registry import get_model, model_registry\n"
+            f"model_registry.register('lily', target={lm_eval_entry_point()!r})\n"
+            "cls = get_model('lily')\n"
+            "print(cls.__module__ + ':' + cls.__qualname__)\n")
+    result = run_python(code)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == lm_eval_entry_point()
+
+
+def test_lm_eval_finds_lily_through_installed_entry_points(tmp_path):
+    """A distribution whose metadata carries pyproject's entry point, on the path of a fresh process that never
+    imports lily-ssm itself: lm-eval versions that read the group resolve `lily`; older ones are skipped."""
+    lm_eval = pytest.importorskip("lm_eval")
+    dist = tmp_path / "lily_ssm_entry_point_probe-0.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: lily-ssm-entry-point-probe\nVersion: 0.0\n")
+    (dist / "entry_points.txt").write_text(f"[lm_eval.models]\nlily = {lm_eval_entry_point()}\n")
+    code = ("from lm_eval.api.registry import get_model\n"
+            "try:\n    cls = get_model('lily')\nexcept (KeyError, ValueError):\n    print('not found')\n"
+            "else:\n    print(cls.__module__ + ':' + cls.__qualname__)\n")
+    result = run_python(code, tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    found = result.stdout.strip().splitlines()[-1]
+    package = Path(lm_eval.__file__).parent
+    reads_entry_points = any("entry_points(" in path.read_text() for folder in (".", "api", "models")
+                             for path in (package / folder).glob("*.py"))
+    if found == "not found" and not reads_entry_points:
+        pytest.skip(f"lm-eval {lm_eval.__version__} does not read the lm_eval.models entry points (newer versions "
+                    "do); `lily-ssm lm-eval` registers the backend there")
+    assert found == lm_eval_entry_point()
