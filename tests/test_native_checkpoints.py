@@ -186,6 +186,31 @@ def test_folder_detection_and_the_tokenizer_it_falls_back_to(tmp_path):
         load_model_and_tokenizer(str(folder), dtype="float32")
 
 
+def test_a_hub_repository_in_mamba_ssm_layout_loads_through_its_snapshot(tmp_path, monkeypatch):
+    """state-spaces/mamba-130m and its kind hold config.json + pytorch_model.bin; the Hub's downloads stand in for
+    a local snapshot folder here (no network)."""
+    import huggingface_hub
+
+    snapshot, sd = write_native(tmp_path / "snapshot", MAMBA1)
+    fetched = []
+
+    def hf_hub_download(repo_id, filename, **_):
+        fetched.append(filename)
+        return str(snapshot / filename)
+
+    def snapshot_download(repo_id, allow_patterns=(), **_):
+        fetched.append(tuple(allow_patterns))
+        return str(snapshot)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    assert mamba_ssm_folder("state-spaces/mamba-tiny", weights=False) == snapshot and fetched == ["config.json"]
+    model, _ = load_model_and_tokenizer("state-spaces/mamba-tiny", dtype="float32")
+    assert "pytorch_model.bin" in fetched and model.config._name_or_path == "state-spaces/mamba-tiny"
+    with torch.no_grad():
+        torch.testing.assert_close(model(IDS).logits, reference_logits(sd, MAMBA1, IDS), rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize(("change", "key"), [
     ({"d_intermediate": 32}, "d_intermediate=32"),
     ({"attn_layer_idx": [1]}, r"attn_layer_idx=\[1\]"),
@@ -198,6 +223,7 @@ def test_folder_detection_and_the_tokenizer_it_falls_back_to(tmp_path):
     ({"ssm_cfg": {"layer": "Mamba2", "d_ssm": 16}}, "ssm_cfg.d_ssm=16"),
     ({"ssm_cfg": {"d_state": 4, "expand": 1.5}}, "ssm_cfg.expand=1.5"),
     ({"ssm_cfg": {"d_state": 4, "headdim": 8}}, "ssm_cfg.headdim=8"),
+    ({"ssm_cfg": {"layer": "Mamba2", "headdim": 8, "ngroups": 3}}, "ssm_cfg.ngroups=3"),
 ])
 def test_settings_transformers_cannot_represent_are_refused_by_key(change, key):
     with pytest.raises(MambaSsmCheckpointError, match=key) as err:

@@ -155,9 +155,11 @@ def transformers_config(native: dict[str, Any]) -> Any:
     d_inner = fields["expand"] * d_model
     if d_inner % fields["head_dim"]:
         raise _refuse("ssm_cfg.headdim", fields["head_dim"], f"must divide the inner width {d_inner}")
-    limit = tuple(float(x) for x in fields["time_step_limit"])
-    fields["time_step_limit"] = limit
-    return Mamba2Config(**common, **fields, num_heads=d_inner // fields["head_dim"])
+    heads = d_inner // fields["head_dim"]
+    if heads % fields["n_groups"]:
+        raise _refuse("ssm_cfg.ngroups", fields["n_groups"], f"must divide the number of heads {heads}")
+    fields["time_step_limit"] = tuple(float(x) for x in fields["time_step_limit"])
+    return Mamba2Config(**common, **fields, num_heads=heads)
 
 
 def read_native_state_dict(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -297,8 +299,10 @@ def _hub_snapshot(repo_id: str, weights: bool) -> Path | None:
         config = Path(hf_hub_download(repo_id, "config.json"))
     except Exception:  # not a repository, offline, gated, ...: transformers says which, in its own words
         return None
-    if read_mamba_ssm_config(config.parent) is None or not weights:
-        return config.parent if read_mamba_ssm_config(config.parent) is not None else None
+    if read_mamba_ssm_config(config.parent) is None:
+        return None
+    if not weights:
+        return config.parent
     folder = Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"]))
     if not any((folder / name).is_file() for name in WEIGHT_FILES[:2]):
         hf_hub_download(repo_id, "pytorch_model.bin")  # lands in the same snapshot folder
