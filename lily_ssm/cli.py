@@ -207,7 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     ab.set_defaults(func=_ablate)
 
     ev = sub.add_parser("eval-commonsense", help="the eight-task commonsense evaluation (generation + answer match)")
-    ev.add_argument("--model", required=True, help="hub id, local folder, or builtin:tiny-falcon-mamba")
+    ev.add_argument("--model", required=True, help="hub id, local folder (transformers' or a mamba-ssm "
+                    "checkpoint's), or builtin:tiny-falcon-mamba")
     ev.add_argument("--adapter", help="adapter folder written by lily-ssm or PEFT (LoRA / Lily), or a Hugging Face "
                     "Hub id org/name")
     ev.add_argument("--adapter-revision", default=None, help="branch, tag or commit of a Hub adapter (default main)")
@@ -271,7 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     env.set_defaults(func=_env)
 
     lm = sub.add_parser("lm-eval", add_help=False, help="lm-evaluation-harness's own command line with the 'lily' "
-                        "backend registered, e.g. --model lily --model_args pretrained=...,adapter=... --tasks ...")
+                        "backend registered, e.g. --model lily --model_args pretrained=...,adapter=... --tasks ... "
+                        "(lm-eval versions that read plugin entry points find it without this wrapper)")
     lm.add_argument("lm_eval_args", nargs=argparse.REMAINDER)  # handed over verbatim, see main()
     return parser
 

@@ -15,7 +15,8 @@ from .record import ExperimentRecord
 
 @dataclass
 class ModelSection:
-    name_or_path: str = setting(help="base model: a Hub id, a local folder, or builtin:tiny-falcon-mamba")
+    name_or_path: str = setting(help="base model: a Hub id, a local folder (transformers' or a "
+                                "mamba-ssm checkpoint's), or builtin:tiny-falcon-mamba")
     dtype: str = setting("auto", help="weights' dtype: auto, float32, bfloat16 or float16")
     device_map: str | None = setting(None, help="accelerate's device map, e.g. auto for one process on many GPUs; "
                                             "unset: the Trainer places the model")

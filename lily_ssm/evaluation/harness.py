@@ -2,7 +2,11 @@
 
     lm_eval --model lily --model_args pretrained=<hub id or folder>,adapter=<adapter folder> ...
 
-Importing this module registers the backend (``lily-ssm lm-eval`` does it for you). Everything else
+``pretrained`` may also be a mamba-ssm checkpoint (a ``MambaLMHeadModel`` folder, as lm-eval's ``mamba_ssm``
+backend loads): it is scored as its equivalent transformers model, with the folder's tokenizer or the given one
+(GPT-NeoX's by default, as the ``mamba_ssm`` backend does). lm-eval versions that read the ``lm_eval.models``
+entry points find the backend through lily-ssm's package metadata; for older ones, importing this module
+registers it (``lily-ssm lm-eval`` does it for you). Everything else
 — dtype, device, batch_size, max_length, loglikelihood, rolling loglikelihood, generation — is HFLM's.
 One addition: HFLM scores loglikelihood requests in right-padded batches without an attention mask;
 this backend passes the mask, so Lily's routers ignore the padding and results do not depend on
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,6 +28,15 @@ from lm_eval.models import huggingface as _hf
 from lm_eval.models.huggingface import HFLM
 
 from ..models.loading import resolve_model_path
+from ..models.mamba_ssm_checkpoint import (
+    MambaSsmCheckpointError,
+    adopt_tokenizer,
+    load_mamba_ssm_model,
+    mamba_ssm_folder,
+    read_mamba_ssm_config,
+    tokenizer_source,
+    transformers_config,
+)
 from ..modules.registry import patch_mamba_mixers
 from ..persistence import check_adapter_folder, load_adapter
 from ..tuners.lily.config import LOOKAHEAD_MODES
@@ -40,8 +54,16 @@ class LilyLM(HFLM):
         self.allow_lookahead = allow_lookahead
         if adapter is not None:  # a missing, damaged or unreachable adapter fails before the model loads
             adapter = check_adapter_folder(str(adapter), adapter_revision)
+        self._mamba_ssm: Path | None = None
         if isinstance(pretrained, str):
             pretrained = resolve_model_path(pretrained)
+            self._mamba_ssm = mamba_ssm_folder(pretrained)
+            if self._mamba_ssm is not None:
+                for option in ("peft", "delta", "autogptq", "gptqmodel", "gguf_file", "parallelize", "tp_plan"):
+                    if kwargs.get(option):
+                        raise MambaSsmCheckpointError(
+                            f"{option}={kwargs[option]!r} is not available with the mamba-ssm checkpoint {pretrained}; "
+                            "give a lily-ssm or PEFT adapter as adapter=..., or leave it out")
         kwargs.setdefault("backend", "causal")
         kwargs.setdefault("device", "cuda" if torch.cuda.is_available() else "cpu")
         super().__init__(pretrained=pretrained, **kwargs)
@@ -50,6 +72,24 @@ class LilyLM(HFLM):
             load_adapter(self.model, adapter)
         patch_mamba_mixers(self.model)  # the base alone runs lily-ssm's mixers too (no-op once adapted)
         self.model.eval()
+
+    def _get_config(self, pretrained: str, **kwargs: Any) -> None:
+        if self._mamba_ssm is None:
+            return super()._get_config(pretrained, **kwargs)
+        self._config = transformers_config(read_mamba_ssm_config(self._mamba_ssm))
+
+    def _create_tokenizer(self, pretrained: Any, tokenizer: Any, **kwargs: Any) -> None:
+        if self._mamba_ssm is not None and not tokenizer:
+            tokenizer = tokenizer_source(self._mamba_ssm, None)
+        super()._create_tokenizer(pretrained, tokenizer, **kwargs)
+
+    def _create_model(self, pretrained: str, dtype: str | torch.dtype | None = "auto", **kwargs: Any) -> None:
+        if self._mamba_ssm is None:
+            return super()._create_model(pretrained, dtype=dtype, **kwargs)
+        self._model = load_mamba_ssm_model(self._mamba_ssm, _hf.get_dtype(dtype), device_map=kwargs.get("device_map"),
+                                           name=pretrained)
+        adopt_tokenizer(self._model, self.tokenizer, self._mamba_ssm)
+        self._config = self._model.config
 
     @contextlib.contextmanager
     def _recording_row_lengths(self) -> Iterator[None]:

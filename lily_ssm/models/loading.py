@@ -9,6 +9,14 @@ from typing import Any
 import torch
 
 from ..utils.paths import cache_dir
+from .mamba_ssm_checkpoint import (
+    adopt_tokenizer,
+    load_mamba_ssm_model,
+    load_tokenizer,
+    mamba_ssm_folder,
+    read_mamba_ssm_config,
+    transformers_config,
+)
 
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_MODELS = ("tiny-falcon-mamba",)
@@ -59,7 +67,8 @@ def resolve_model_path(name_or_path: str) -> str:
 def load_model_and_tokenizer(name_or_path: str, dtype: str | torch.dtype | None = "auto",
                              device_map: str | dict[str, Any] | None = None, tokenizer: str | None = None,
                              trust_remote_code: bool = False):
-    """``(model, tokenizer)`` for a causal LM. The tokenizer gets a pad token (its EOS) if it has none.
+    """``(model, tokenizer)`` for a causal LM: a transformers checkpoint, or a mamba-ssm one (its equivalent
+    transformers model, :mod:`.mamba_ssm_checkpoint`). The tokenizer gets a pad token (its EOS) if it has none.
     Its Mamba mixers run lily-ssm's forward (the function transformers' computes, on lily-ssm's scans and
     the CUDA kernels when present) with or without an adapter."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -67,15 +76,21 @@ def load_model_and_tokenizer(name_or_path: str, dtype: str | torch.dtype | None 
     from ..modules.registry import patch_mamba_mixers
 
     path = resolve_model_path(name_or_path)
-    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
-    if dtype is not None:
-        kwargs["dtype"] = parse_dtype(dtype)
-    if device_map is not None:
-        kwargs["device_map"] = device_map
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    native = mamba_ssm_folder(path)
+    if native is not None:
+        tok = load_tokenizer(native, resolve_model_path(tokenizer) if tokenizer else None)
+        model = load_mamba_ssm_model(native, parse_dtype(dtype), device_map, name=path)
+        adopt_tokenizer(model, tok, native)
+    else:
+        kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+        if dtype is not None:
+            kwargs["dtype"] = parse_dtype(dtype)
+        if device_map is not None:
+            kwargs["device_map"] = device_map
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        tok = AutoTokenizer.from_pretrained(resolve_model_path(tokenizer) if tokenizer else path,
+                                            trust_remote_code=trust_remote_code)
     patch_mamba_mixers(model)
-    tok = AutoTokenizer.from_pretrained(resolve_model_path(tokenizer) if tokenizer else path,
-                                        trust_remote_code=trust_remote_code)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return model, tok
@@ -91,13 +106,17 @@ KNOWN_CONFIGS: dict[str, dict[str, Any]] = {
 
 
 def load_model_config(name_or_path: str, trust_remote_code: bool = False) -> Any:
-    """The transformers config of ``name_or_path`` without loading weights: a local folder's, a built-in
-    model's, a known architecture's (:data:`KNOWN_CONFIGS`, no hub access), or a hub id's (cache or hub)."""
+    """The transformers config of ``name_or_path`` without loading weights: a local folder's (a mamba-ssm
+    checkpoint's as its transformers equivalent), a built-in model's, a known architecture's
+    (:data:`KNOWN_CONFIGS`, no hub access), or a hub id's (cache or hub)."""
     from transformers import AutoConfig
 
     if name_or_path in KNOWN_CONFIGS and not Path(name_or_path).is_dir():
         return AutoConfig.for_model(**KNOWN_CONFIGS[name_or_path])
     path = resolve_model_path(name_or_path)
+    native = mamba_ssm_folder(path, weights=False)
+    if native is not None:
+        return transformers_config(read_mamba_ssm_config(native))
     try:
         return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except OSError as exc:
