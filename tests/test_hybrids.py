@@ -69,6 +69,8 @@ def tiny_hybrid(kind: str, seed: int = 0) -> torch.nn.Module:
     import transformers
 
     model_cls, config_cls, fields = _CONFIGS[kind]
+    if not hasattr(transformers, model_cls):  # a family newer than the installed transformers (the range's lower end)
+        pytest.skip(f"transformers {transformers.__version__} has no {kind} ({model_cls})")
     torch.manual_seed(seed)
     config = getattr(transformers, config_cls)(vocab_size=64, hidden_size=32, num_hidden_layers=2, pad_token_id=0,
                                                eos_token_id=1, bos_token_id=1, **fields)
