@@ -65,11 +65,12 @@ def _eval_commonsense(args: argparse.Namespace) -> int:
     from .config.record import read_record
     from .data.prompts import resolve_tasks
     from .evaluation.commonsense import evaluate_commonsense, markdown_table, task_test_file
-    from .models.loading import load_model_and_tokenizer
+    from .models.loading import check_model_source, load_model_and_tokenizer
     from .persistence import check_adapter_folder, load_adapter
 
     for task in resolve_tasks(args.tasks):  # bad task names or missing files fail before the model loads
         task_test_file(args.data_root, task)
+    check_model_source(args.model)  # a Hub id offline fails now, in seconds
     # a missing, damaged or unreachable adapter fails before the model loads, too
     adapter = check_adapter_folder(args.adapter, args.adapter_revision) if args.adapter else None
     record = read_record(adapter) if adapter else None
@@ -100,10 +101,9 @@ def _inspect(args: argparse.Namespace) -> int:
     first = args.adapters[0]  # the default output sits beside a local adapter, never inside the Hub cache
     out = Path(args.out) if args.out else (Path(first) / "inspect" if Path(first).exists()
                                            else Path(f"inspect-{first.replace('/', '--')}"))
-    summary = inspect_adapters(args.adapters, out, data=args.data, model=args.model, limit=args.limit,
-                               batch_size=args.batch_size, rtol=args.rtol, dtype=args.dtype, device=args.device)
-    print(f"figures written to {out}/: {', '.join(Path(f).name for f in summary['figures'])} (numbers: inspect.json)")
-    return 0
+    inspect_adapters(args.adapters, out, data=args.data, model=args.model, limit=args.limit,
+                     batch_size=args.batch_size, rtol=args.rtol, dtype=args.dtype, device=args.device)
+    return 0  # inspect_adapters said what it wrote
 
 
 def _convert(args: argparse.Namespace) -> int:

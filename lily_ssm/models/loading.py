@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from ..utils.hub_access import HubError, require_hub_repo
 from ..utils.paths import cache_dir
 
 BUILTIN_PREFIX = "builtin:"
@@ -33,27 +34,35 @@ def looks_like_local_path(name: str) -> bool:
             or name[-1:] in seps or name.count("/") > 1 or (os.sep != "/" and os.sep in name))
 
 
+def check_model_source(name_or_path: str, what: str = "model") -> None:
+    """Refuse, before anything loads, a model that cannot be had: a local path that is missing or a file, an
+    unknown built-in name, or a Hub id that is neither cached nor downloadable now (within seconds, see
+    :func:`~lily_ssm.utils.hub_access.require_hub_repo`). A hub-id-shaped name that exists here is a folder."""
+    if name_or_path.startswith(BUILTIN_PREFIX):
+        if name_or_path[len(BUILTIN_PREFIX):] not in BUILTIN_MODELS:
+            raise ValueError(f"unknown built-in model {name_or_path!r}; built-in models: "
+                             + ", ".join(BUILTIN_PREFIX + m for m in BUILTIN_MODELS))
+        return
+    path = Path(name_or_path).expanduser()
+    if looks_like_local_path(name_or_path) or path.exists():
+        if not path.exists():
+            raise FileNotFoundError(f"{what} folder {name_or_path} does not exist")
+        if not path.is_dir():
+            raise NotADirectoryError(f"{what} path {name_or_path} is a file; give the folder that holds "
+                                     "config.json and the weights")
+        return
+    require_hub_repo(name_or_path, what)
+
+
 def resolve_model_path(name_or_path: str) -> str:
-    """A hub id or folder as given; ``builtin:<name>`` becomes the cached folder of that model,
-    built (and briefly pre-trained) on first use. A name that can only be a local path must exist
-    (``FileNotFoundError`` otherwise, rather than the hub's "Repo id must be ..." message)."""
+    """A hub id or folder as given, once :func:`check_model_source` accepts it; ``builtin:<name>`` becomes
+    the cached folder of that model, built (and briefly pre-trained) on first use."""
+    check_model_source(name_or_path)
     if not name_or_path.startswith(BUILTIN_PREFIX):
-        if looks_like_local_path(name_or_path):
-            path = Path(name_or_path).expanduser()
-            if not path.exists():
-                raise FileNotFoundError(f"model folder {name_or_path} does not exist")
-            if not path.is_dir():
-                raise NotADirectoryError(f"model path {name_or_path} is a file; give the folder that holds "
-                                         "config.json and the weights")
-            return str(path)
-        return name_or_path
-    name = name_or_path[len(BUILTIN_PREFIX):]
-    if name not in BUILTIN_MODELS:
-        raise ValueError(f"unknown built-in model {name_or_path!r}; built-in models: "
-                         + ", ".join(BUILTIN_PREFIX + m for m in BUILTIN_MODELS))
+        return str(Path(name_or_path).expanduser()) if looks_like_local_path(name_or_path) else name_or_path
     from .tiny import build_quickstart_base
 
-    return str(build_quickstart_base(cache_dir() / name))
+    return str(build_quickstart_base(cache_dir() / name_or_path[len(BUILTIN_PREFIX):]))
 
 
 def load_model_and_tokenizer(name_or_path: str, dtype: str | torch.dtype | None = "auto",
@@ -97,7 +106,10 @@ def load_model_config(name_or_path: str, trust_remote_code: bool = False) -> Any
 
     if name_or_path in KNOWN_CONFIGS and not Path(name_or_path).is_dir():
         return AutoConfig.for_model(**KNOWN_CONFIGS[name_or_path])
-    path = resolve_model_path(name_or_path)
+    try:
+        path = resolve_model_path(name_or_path)
+    except HubError as exc:
+        raise HubError(f"{exc}; to plan without it: one of {', '.join(KNOWN_CONFIGS)}") from None
     try:
         return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except OSError as exc:
