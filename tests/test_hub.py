@@ -103,7 +103,7 @@ def test_lm_eval_backend_resolves_the_adapter_before_loading_the_model(hub_cache
     from lily_ssm.evaluation.harness import LilyLM
 
     with pytest.raises(HubError, match="HF_HUB_OFFLINE=1"):
-        LilyLM(pretrained="builtin:tiny-falcon-mamba", adapter="org/missing")  # nothing built before the check
+        LilyLM(pretrained="./no-such-model", adapter="org/missing")
 
 
 class RecordingApi:

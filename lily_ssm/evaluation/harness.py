@@ -22,7 +22,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.models import huggingface as _hf
 from lm_eval.models.huggingface import HFLM
 
-from ..models.loading import check_model_source, resolve_model_path
+from ..models.loading import resolve_model_path
 from ..modules.registry import patch_mamba_mixers
 from ..persistence import check_adapter_folder, load_adapter
 from ..tuners.lily.config import LOOKAHEAD_MODES
@@ -38,11 +38,9 @@ class LilyLM(HFLM):
     def __init__(self, pretrained: Any, adapter: str | None = None, allow_lookahead: bool = False,
                  adapter_revision: str | None = None, **kwargs: Any) -> None:
         self.allow_lookahead = allow_lookahead
-        if isinstance(pretrained, str):
-            check_model_source(pretrained)  # a Hub id offline fails now, in seconds
         if adapter is not None:  # a missing, damaged or unreachable adapter fails before the model loads
             adapter = check_adapter_folder(str(adapter), adapter_revision)
-        if isinstance(pretrained, str):
+        if isinstance(pretrained, str):  # so does a missing model, or a Hub id offline (in seconds)
             pretrained = resolve_model_path(pretrained)
         kwargs.setdefault("backend", "causal")
         kwargs.setdefault("device", "cuda" if torch.cuda.is_available() else "cpu")
