@@ -133,9 +133,14 @@ def _config(args: argparse.Namespace) -> int:
 
 
 def _fake_vtab(args: argparse.Namespace) -> int:
-    from .data.vtab import parse_tasks, write_fake_vtab
+    from .data.vtab import NUM_CLASSES, parse_tasks, write_fake_vtab
 
     tasks = parse_tasks(args.tasks)
+    fewer = {t: NUM_CLASSES[t] for t in tasks if args.classes and args.classes > NUM_CLASSES[t]}
+    if fewer:  # checked for every task before any is written
+        has = ", ".join(f"{t} has ({n})" for t, n in fewer.items())
+        raise ValueError(f"--classes {args.classes} is more than {has}; give at most {min(fewer.values())}, or leave "
+                         "it unset (3, or fewer where a task has fewer)")
     for task in tasks:
         write_fake_vtab(args.root, task, classes=args.classes, per_class=args.per_class, image_size=args.image_size,
                         seed=args.seed)

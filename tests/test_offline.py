@@ -122,11 +122,11 @@ def test_a_cached_model_still_works_without_the_hub(hub, assets, tmp_path, capsy
         assert constants.HF_HUB_OFFLINE and len(said) == 1
 
 
-def test_a_hub_id_shaped_local_folder_is_a_folder(hub, assets, tmp_path, monkeypatch):
+def test_a_hub_id_shaped_local_folder_is_a_folder(hub, tmp_path, monkeypatch):
     from lily_ssm.models.loading import check_model_source
 
     monkeypatch.chdir(tmp_path)
-    shutil.copytree(assets["base"], tmp_path / "org" / "tiny")
+    (tmp_path / "org" / "tiny").mkdir(parents=True)
     check_model_source("org/tiny")  # no Hub involved
 
 
@@ -140,3 +140,17 @@ def test_the_probe_runs_once(hub, monkeypatch):
             hub_access.require_hub_repo("org/x")
     assert calls == [UNROUTABLE]
 
+
+
+def test_a_cached_tokenizer_repo_needs_no_model_config(hub):
+    """A tokenizer-only repository (no config.json) in the cache is enough for model.tokenizer."""
+    from lily_ssm.models.loading import check_model_source
+
+    snapshot = Path(constants.HF_HUB_CACHE) / "models--org--tok" / "snapshots" / COMMIT
+    snapshot.mkdir(parents=True)
+    (snapshot / "tokenizer_config.json").write_text("{}")
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text(COMMIT)
+    check_model_source("org/tok", "tokenizer")
+    with pytest.raises(hub_access.HubError, match="model 'org/tok' is not in the local Hugging Face cache"):
+        check_model_source("org/tok")

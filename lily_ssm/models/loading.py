@@ -35,9 +35,10 @@ def looks_like_local_path(name: str) -> bool:
 
 
 def check_model_source(name_or_path: str, what: str = "model") -> None:
-    """Refuse, before anything loads, a model that cannot be had: a local path that is missing or a file, an
-    unknown built-in name, or a Hub id that is neither cached nor downloadable now (within seconds, see
-    :func:`~lily_ssm.utils.hub_access.require_hub_repo`). A hub-id-shaped name that exists here is a folder."""
+    """Refuse, before anything loads, a model (or ``what``: ``tokenizer``, ...) that cannot be had: a local path
+    that is missing or a file, an unknown built-in name, or a Hub id that is neither cached nor downloadable now
+    (within seconds, see :func:`~lily_ssm.utils.hub_access.require_hub_repo`). A hub-id-shaped name that exists
+    here is a folder."""
     if name_or_path.startswith(BUILTIN_PREFIX):
         if name_or_path[len(BUILTIN_PREFIX):] not in BUILTIN_MODELS:
             raise ValueError(f"unknown built-in model {name_or_path!r}; built-in models: "
@@ -51,13 +52,13 @@ def check_model_source(name_or_path: str, what: str = "model") -> None:
             raise NotADirectoryError(f"{what} path {name_or_path} is a file; give the folder that holds "
                                      "config.json and the weights")
         return
-    require_hub_repo(name_or_path, what)
+    require_hub_repo(name_or_path, what, "tokenizer_config.json" if what == "tokenizer" else "config.json")
 
 
-def resolve_model_path(name_or_path: str) -> str:
+def resolve_model_path(name_or_path: str, what: str = "model") -> str:
     """A hub id or folder as given, once :func:`check_model_source` accepts it; ``builtin:<name>`` becomes
     the cached folder of that model, built (and briefly pre-trained) on first use."""
-    check_model_source(name_or_path)
+    check_model_source(name_or_path, what)
     if not name_or_path.startswith(BUILTIN_PREFIX):
         return str(Path(name_or_path).expanduser()) if looks_like_local_path(name_or_path) else name_or_path
     from .tiny import build_quickstart_base
@@ -83,7 +84,7 @@ def load_model_and_tokenizer(name_or_path: str, dtype: str | torch.dtype | None 
         kwargs["device_map"] = device_map
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     patch_mamba_mixers(model)
-    tok = AutoTokenizer.from_pretrained(resolve_model_path(tokenizer) if tokenizer else path,
+    tok = AutoTokenizer.from_pretrained(resolve_model_path(tokenizer, "tokenizer") if tokenizer else path,
                                         trust_remote_code=trust_remote_code)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
