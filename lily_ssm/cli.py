@@ -19,15 +19,12 @@ def _quickstart(args: argparse.Namespace) -> int:
 
 def _vtab(args: argparse.Namespace) -> int:
     from .config.vtab import load_vtab_config
-    from .data.vtab import TASKS
+    from .data.vtab import parse_tasks
     from .evaluation.vtab import summarize
     from .train.vtab import run_vtab_task
 
     experiment = load_vtab_config(args.config, args.set)
-    tasks = list(TASKS) if args.task == "all" else [t.strip() for t in args.task.split(",") if t.strip()]
-    unknown = [t for t in tasks if t not in TASKS]
-    if unknown:
-        raise ValueError(f"unknown VTAB task(s) {', '.join(unknown)}; tasks: {', '.join(TASKS)} (or all)")
+    tasks = parse_tasks(args.task)
     results = {task: run_vtab_task(experiment, task) for task in tasks}
     print()
     print(summarize(results, experiment.training.output_dir))
@@ -65,13 +62,14 @@ def _eval_commonsense(args: argparse.Namespace) -> int:
     from .config.record import read_record
     from .data.prompts import resolve_tasks
     from .evaluation.commonsense import evaluate_commonsense, markdown_table, task_test_file
-    from .models.loading import load_model_and_tokenizer
+    from .models.loading import check_model_source, load_model_and_tokenizer
     from .persistence import check_adapter_folder, load_adapter
 
     for task in resolve_tasks(args.tasks):  # bad task names or missing files fail before the model loads
         task_test_file(args.data_root, task)
     # a missing, damaged or unreachable adapter fails before the model loads, too
     adapter = check_adapter_folder(args.adapter, args.adapter_revision) if args.adapter else None
+    check_model_source(args.model)  # so does a missing model, or a Hub id offline (in seconds)
     record = read_record(adapter) if adapter else None
     trained = record.protocol if record else None
     protocol = args.protocol or trained or "paper"
@@ -100,10 +98,9 @@ def _inspect(args: argparse.Namespace) -> int:
     first = args.adapters[0]  # the default output sits beside a local adapter, never inside the Hub cache
     out = Path(args.out) if args.out else (Path(first) / "inspect" if Path(first).exists()
                                            else Path(f"inspect-{first.replace('/', '--')}"))
-    summary = inspect_adapters(args.adapters, out, data=args.data, model=args.model, limit=args.limit,
-                               batch_size=args.batch_size, rtol=args.rtol, dtype=args.dtype, device=args.device)
-    print(f"figures written to {out}/: {', '.join(Path(f).name for f in summary['figures'])} (numbers: inspect.json)")
-    return 0
+    inspect_adapters(args.adapters, out, data=args.data, model=args.model, limit=args.limit,
+                     batch_size=args.batch_size, rtol=args.rtol, dtype=args.dtype, device=args.device)
+    return 0  # inspect_adapters said what it wrote
 
 
 def _convert(args: argparse.Namespace) -> int:
@@ -121,6 +118,34 @@ def _push(args: argparse.Namespace) -> int:
     url = push_adapter(args.adapter, args.repo_id, private=args.private or None, revision=args.revision,
                        commit_message=args.message)
     print(f"adapter {args.adapter} pushed to {args.repo_id}: {url}")
+    return 0
+
+
+def _config(args: argparse.Namespace) -> int:
+    from .ablation.config import reference_groups
+    from .config.reference import format_reference, train_groups, vtab_groups
+
+    groups = {"train": train_groups, "vtab": vtab_groups, "ablate": reference_groups}
+    kinds = [args.kind] if args.kind else list(groups)
+    print("\n\n".join(format_reference(f"lily-ssm {kind} CONFIG.yaml: every key (section.key), its default and its "
+                                       "meaning", groups[kind]()) for kind in kinds))
+    return 0
+
+
+def _fake_vtab(args: argparse.Namespace) -> int:
+    from .data.vtab import NUM_CLASSES, parse_tasks, write_fake_vtab
+
+    tasks = parse_tasks(args.tasks)
+    fewer = {t: NUM_CLASSES[t] for t in tasks if args.classes and args.classes > NUM_CLASSES[t]}
+    if fewer:  # checked for every task before any is written
+        has = ", ".join(f"{t} has ({n})" for t, n in fewer.items())
+        raise ValueError(f"--classes {args.classes} is more than {has}; give at most {min(fewer.values())}, or leave "
+                         "it unset (3, or fewer where a task has fewer)")
+    for task in tasks:
+        write_fake_vtab(args.root, task, classes=args.classes, per_class=args.per_class, image_size=args.image_size,
+                        seed=args.seed)
+    print(f"generated VTAB-1K stand-in for {len(tasks)} task(s) written to {args.root}/; try it with a tiny model: "
+          f"lily-ssm vtab configs/vim/tiny.yaml --task {tasks[0]} --set data.root={args.root}")
     return 0
 
 
@@ -150,6 +175,27 @@ def positive_int(text: str) -> int:
 
 
 DEBUG_HELP = "on an error, show the full traceback instead of the one-line message"
+SET_METAVAR = "SECTION.KEY=VALUE"
+# The 19 VTAB-1K task folders (lily_ssm.data.vtab.TASKS, which this module does not import: it loads torch).
+VTAB_TASKS = ("caltech101, cifar, dtd, oxford_flowers102, oxford_iiit_pet, patch_camelyon, sun397, svhn, resisc45, "
+              "eurosat, diabetic_retinopathy, dmlab, kitti, smallnorb_azi, smallnorb_ele, dsprites_loc, dsprites_ori, "
+              "clevr_dist, clevr_count")
+VTAB_DATA_HELP = (
+    "VTAB-1K data (data.root): the layout of the NOAH, FacT and Lily code bases: <root>/<task>/ holds train800.txt, "
+    "val200.txt, train800val200.txt and test.txt, each line '<image path> <label>' (the path relative to "
+    "<root>/<task>/), and the images they list. vtab trains on train800val200 and reports top-1 accuracy on test. "
+    f"Task folders: {VTAB_TASKS}. A generated stand-in in that layout, to try the commands without the data: "
+    "lily-ssm fake-vtab vtab-1k --tasks eurosat (then --set data.root=vtab-1k).")
+
+
+def _settings_epilog(kind: str, *more: str) -> str:
+    """Where a command's config keys are listed, and how --set works (the text of lily-ssm config's)."""
+    import textwrap
+
+    from .config.reference import SET_HELP
+
+    paragraphs = [f"Every config key, its default and its meaning: lily-ssm config {kind}", SET_HELP, *more]
+    return "\n\n".join(textwrap.fill(p, 100) for p in paragraphs)
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -179,31 +225,34 @@ def build_parser() -> argparse.ArgumentParser:
     quick.add_argument("--reduced", action="store_true", help="a seconds-long smoke run (tiny sizes)")
     quick.set_defaults(func=_quickstart)
 
-    train = sub.add_parser("train", help="fine-tune an adapter from a YAML experiment config")
-    train.add_argument("config", help="YAML file with model / adapter / data / training sections")
-    train.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                       help="override a config value, e.g. --set training.learning_rate=1e-4 (repeatable)")
+    raw = argparse.RawDescriptionHelpFormatter  # the epilogs below are wrapped already
+    train = sub.add_parser("train", help="fine-tune an adapter from a YAML experiment config",
+                           epilog=_settings_epilog("train"), formatter_class=raw)
+    train.add_argument("config", help="YAML file with model / adapter / data / training sections (configs/)")
+    train.add_argument("--set", action="append", default=[], metavar=SET_METAVAR,
+                       help="override a config value, e.g. --set training.learning_rate=1e-4 (repeatable; see below)")
     train.add_argument("--dry-run", action="store_true", help="print the planned peak GPU memory of one process "
                        "(measured on the meta device at the real shapes) and stop")
     train.set_defaults(func=_train)
 
     vt = sub.add_parser("vtab", help="fine-tune Vision Mamba (or, with model.kind: vit, a transformers ViT) on VTAB-1K "
-                        "tasks and report test accuracy")
+                        "tasks and report test accuracy", epilog=_settings_epilog("vtab", VTAB_DATA_HELP),
+                        formatter_class=raw)
     vt.add_argument("config", help="YAML file with model / adapter / data / training sections (configs/vim/, "
                     "configs/vit/)")
-    vt.add_argument("--task", required=True, help="a task name, a comma-separated list, or all")
-    vt.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                    help="override a config value, e.g. --set training.epochs=10 (repeatable)")
+    vt.add_argument("--task", required=True, help="a task name, a comma-separated list, or all (names below)")
+    vt.add_argument("--set", action="append", default=[], metavar=SET_METAVAR,
+                    help="override a config value, e.g. --set data.root=/data/vtab-1k (repeatable; see below)")
     vt.set_defaults(func=_vtab)
 
     ab = sub.add_parser("ablate", help="compare methods x target sets x routing modes at a matched parameter budget "
-                        "(train + test every arm; resumable)")
+                        "(train + test every arm; resumable)", epilog=_settings_epilog("ablate"), formatter_class=raw)
     ab.add_argument("config", help="YAML file: an ablation section plus the experiment sections (configs/ablation/)")
     ab.add_argument("--workers", type=positive_int, default=None,
                     help="arms run in parallel processes (ablation.workers)")
     ab.add_argument("--dry-run", action="store_true", help="only print the arms and their sized adapters")
-    ab.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                    help="override a config value, e.g. --set ablation.budget=60000 (repeatable)")
+    ab.add_argument("--set", action="append", default=[], metavar=SET_METAVAR,
+                    help="override a config value, e.g. --set ablation.budget=60000 (repeatable; see below)")
     ab.set_defaults(func=_ablate)
 
     ev = sub.add_parser("eval-commonsense", help="the eight-task commonsense evaluation (generation + answer match)")
@@ -212,7 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--adapter", help="adapter folder written by lily-ssm or PEFT (LoRA / Lily), or a Hugging Face "
                     "Hub id org/name")
     ev.add_argument("--adapter-revision", default=None, help="branch, tag or commit of a Hub adapter (default main)")
-    ev.add_argument("--data-root", required=True, help="folder with <task>/test.json for each task")
+    ev.add_argument("--data-root", required=True, help="the test sets: a folder with <task>/test.json for each task, "
+                    "or builtin:synthetic-commonsense (generated items, for trying the command)")
     ev.add_argument("--tasks", default=None,
                     help="comma-separated subset of boolq,piqa,social_i_qa,hellaswag,winogrande,ARC-Easy,"
                          "ARC-Challenge,openbookqa (default: all eight)")
@@ -266,6 +316,23 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--revision", default=None, help="branch to push to (default main)")
     push.add_argument("--message", default=None, help="commit message")
     push.set_defaults(func=_push)
+
+    cfg = sub.add_parser("config", help="every key of a train, vtab or ablate config file: its default and its "
+                         "meaning (the validator's own list)")
+    cfg.add_argument("kind", nargs="?", choices=("train", "vtab", "ablate"), help="which command's config "
+                     "(default: all three)")
+    cfg.set_defaults(func=_config)
+
+    fake = sub.add_parser("fake-vtab", help="write generated VTAB-1K task folders (small coloured-stripe images) in "
+                          "the layout lily-ssm vtab reads, to try it without the data", epilog=VTAB_DATA_HELP)
+    fake.add_argument("root", help="the folder to write (the VTAB-1K root; data.root)")
+    fake.add_argument("--tasks", default="all", help="all (default) or comma-separated task names, e.g. eurosat,dtd")
+    fake.add_argument("--classes", type=positive_int, default=None, help="classes per task (default: 3, or the "
+                      "task's own count when smaller)")
+    fake.add_argument("--per-class", type=positive_int, default=4, help="images per class in each split (default 4)")
+    fake.add_argument("--image-size", type=positive_int, default=32, help="image side in pixels (default 32)")
+    fake.add_argument("--seed", type=int, default=0)
+    fake.set_defaults(func=_fake_vtab)
 
     env = sub.add_parser("env", help="versions, GPU, CUDA kernels, the scan each model family takes, and installed "
                          "packages outside lily-ssm's supported ranges: paste it into a bug report")

@@ -18,6 +18,7 @@ import lily_ssm
 from lily_ssm.cli import main
 from lily_ssm.interop import push as push_module
 from lily_ssm.persistence.hub import HubError, resolve_adapter
+from lily_ssm.utils import hub_access
 
 CONFIG = lily_ssm.LoraConfig(["in_proj", "x_proj"], r=2, alpha=4)
 MAIN, V1 = "a" * 40, "b" * 40
@@ -77,10 +78,10 @@ def test_paths_that_cannot_be_hub_ids_fail_as_missing_folders(tmp_path):
 
 
 def test_offline_hub_ids_fail_in_one_line_saying_so(hub_cache, tmp_path, capsys, monkeypatch):
-    with pytest.raises(HubError, match="not in the local cache and the Hub is switched off .HF_HUB_OFFLINE=1"):
+    with pytest.raises(HubError, match="not in the local Hugging Face cache .* and the Hub is switched off .HF_HUB_"
+                                       "OFFLINE=1.: download it on a machine with network .hf download org/missing."):
         lily_ssm.load_adapter(tiny_mamba("falcon"), "org/missing")
-    with pytest.raises(HubError, match="org/ada' is not a folder here, and as a Hugging Face Hub adapter at revision "
-                                       "'v9' it is not in the local cache"):
+    with pytest.raises(HubError, match="adapter 'org/ada' at revision 'v9' is not in the local Hugging Face cache"):
         resolve_adapter("org/ada", revision="v9")
     assert main(["inspect", "org/missing", "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
@@ -91,6 +92,7 @@ def test_offline_hub_ids_fail_in_one_line_saying_so(hub_cache, tmp_path, capsys,
             "ConnectError: [Errno -2] Name or service not known")
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hub_access, "_probed", {constants.ENDPOINT: None})  # the up-front probe found the Hub
     monkeypatch.setattr(huggingface_hub, "snapshot_download", unreachable)
     with pytest.raises(HubError, match="the Hub is unreachable .offline. ConnectError: .Errno -2. Name or service"):
         lily_ssm.load_adapter(tiny_mamba("falcon"), "org/missing")

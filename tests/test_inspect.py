@@ -232,6 +232,7 @@ def test_cli(saved, tmp_path, capsys):
     assert cli(["inspect", str(folder), "--rtol", "0.5"]) == 0
     out = capsys.readouterr().out
     assert f"figures written to {folder / 'inspect'}/" in out and "effective_rank.png" in out
+    assert out.count("effective_rank.png") == 1, out  # said once, not twice in two wordings
     assert json.loads((folder / "inspect" / "inspect.json").read_text())["rtol"] == 0.5
     assert_png(folder / "inspect" / "effective_rank.png")
 

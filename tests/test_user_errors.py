@@ -265,8 +265,12 @@ def test_missing_local_model_path(name):
 
 
 @pytest.mark.parametrize("name", ["org/name", "tiiuae/falcon-mamba-7b", "gpt2"])
-def test_hub_ids_are_passed_through(name):
-    assert resolve_model_path(name) == name
+def test_hub_ids_are_hub_ids(name, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))  # empty, and HF_HUB_OFFLINE=1 (conftest)
+    with pytest.raises(ValueError, match=f"model '{name}' is not in the local Hugging Face cache .*hf download {name}"):
+        resolve_model_path(name)
 
 
 def test_missing_model_through_the_cli(tmp_path, data_root, capsys):

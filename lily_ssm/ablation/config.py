@@ -17,6 +17,7 @@ from typing import Any
 from torch import nn
 
 from ..config import experiment, vtab
+from ..config.reference import Group, experiment_groups
 from ..modules.registry import MAMBA2_MIXERS, SHORT_CONV_LAYERS
 from ..tuners.lily.config import ROUTING_MODES, lookahead_problem
 from ..utils.sections import Bound, ConfigError, parse_sections, read_yaml, setting
@@ -117,10 +118,12 @@ class AblationSection:
     routing: list[str] | None = setting(None, help="Lily routing modes, one Lily arm each; unset: causal for "
                                                    "language models, token for Vim, batch for ViT")
     tolerance: float = setting(0.05, help="how far an arm's parameter count may be from the budget (a fraction)")
-    lily: dict[str, Any] = setting(default_factory=dict, help="Lily settings of every Lily arm (default num_A 4, "
-                                                              "num_B 4); r is sized per arm")
-    lora: dict[str, Any] = setting(default_factory=dict, help="LoRA settings of every LoRA arm (alpha 2·r unless "
-                                                              "set); r is sized per arm")
+    lily: dict[str, Any] = setting(default_factory=dict, help="Lily settings of every Lily arm (adapter keys but "
+                                                              "method, targets, r, overrides; r is sized per arm); "
+                                                              "default num_A 4, num_B 4")
+    lora: dict[str, Any] = setting(default_factory=dict, help="LoRA settings of every LoRA arm: dropout, "
+                                                              "modules_to_save, and alpha or alpha_per_rank (alpha = "
+                                                              "alpha_per_rank·r, default 2); r is sized per arm")
     workers: int = setting(1, help="arms run in parallel processes")
     tasks: list[str] | None = setting(None, help="vim path: the VTAB tasks each arm trains and tests on")
 
@@ -196,6 +199,16 @@ def section_classes(path: str) -> dict[str, type]:
     if path == "language":
         return {**experiment.SECTIONS, "evaluation": EvaluationSection}
     return dict(vtab.SECTIONS)
+
+
+def reference_groups() -> list[Group]:
+    """``lily-ssm ablate``'s keys: the ablation section, then each path's experiment sections (no adapter
+    section, and no training.output_dir: the budget matcher and the runner set those per arm)."""
+    groups = experiment_groups({"ablation": AblationSection})
+    for path in PATHS:
+        groups += [(f"{heading} (ablation.path: {path})", rows) for heading, rows in
+                   experiment_groups(section_classes(path), skip={"training.output_dir"})]
+    return groups
 
 
 def parse_ablation(raw: Any, source: str = "<dict>") -> AblationConfig:

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ..models.loading import check_model_source
 from ..persistence.hub import resolve_adapter
 from ..utils.atomic import write_atomic
 from .adapters import adapter_ranks, b_usage, read_saved_adapter
@@ -55,6 +56,8 @@ def inspect_adapters(adapter_dirs: list[str | Path], out_dir: str | Path, data: 
     rebuilt from its ``result.json``. With several adapters, per-adapter figures are prefixed with the folder name.
     """
     given = [str(d) for d in adapter_dirs]
+    if model is not None and data is not None:
+        check_model_source(model)  # a Hub id offline fails now, in seconds
     folders = [resolve_adapter(d) for d in adapter_dirs]  # a Hub id (org/name) becomes its local snapshot
     if not folders:
         raise ValueError("no adapter folders given")
@@ -104,5 +107,5 @@ def inspect_adapters(adapter_dirs: list[str | Path], out_dir: str | Path, data: 
     rank_path = plot_effective_ranks(adapters, ranks, out / "effective_rank.png", rtol, data)
     summary["figures"].insert(0, str(rank_path))
     write_atomic(out / "inspect.json", json.dumps(summary, indent=1) + "\n")
-    log(f"inspect: wrote {', '.join(Path(f).name for f in summary['figures'])} and inspect.json to {out}")
+    log(f"figures written to {out}/: {', '.join(Path(f).name for f in summary['figures'])} (numbers: inspect.json)")
     return summary

@@ -84,7 +84,8 @@ class VtabModelSection:
 
 @dataclass
 class VtabDataSection:
-    root: str = setting(help="the VTAB-1K root: <task>/{train800val200,test}.txt and the images they list")
+    root: str = setting(help="the VTAB-1K root: <task>/{train800val200,test}.txt and the images they list (see "
+                             "lily-ssm vtab --help; a generated stand-in: lily-ssm fake-vtab ROOT)")
     batch_size: int = setting(64, help="images per step", bound=Bound(1))
     num_workers: int = setting(0, help="DataLoader worker processes", bound=Bound(0))
 
@@ -102,6 +103,9 @@ class VtabTrainingSection:
 
 
 SECTIONS = {"model": VtabModelSection, "data": VtabDataSection, "training": VtabTrainingSection}
+# Keys of the adapter section beyond the method's own fields, with their meaning (``lily-ssm config vtab``).
+ADAPTER_EXTRAS = {"per_task": "per VTAB task, adapter settings merged over the section's (overrides merged per "
+                              "target), e.g. {cifar: {num_B: 6}}"}
 NOT_FINGERPRINTED = frozenset({"training.output_dir", "training.overwrite", "training.eval_every"})
 EXTENDABLE = ("training.epochs",)  # a resumed task may train longer (with a warning)
 

@@ -36,6 +36,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
+from ..utils.atomic import write_atomic
+
 NUM_CLASSES: dict[str, int] = {
     "caltech101": 102,
     "cifar": 100,
@@ -79,6 +81,16 @@ IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 assert set(GROUP_OF) == set(NUM_CLASSES) and len(GROUP_OF) == 19
+
+
+def parse_tasks(text: str) -> list[str]:
+    """The tasks of a command-line ``--task`` / ``--tasks`` value: ``all``, or comma-separated names (an unknown one
+    raises ``ValueError`` listing the 19)."""
+    tasks = list(TASKS) if text.strip() == "all" else [t.strip() for t in text.split(",") if t.strip()]
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown or not tasks:
+        raise ValueError(f"unknown VTAB task(s) {', '.join(unknown) or repr(text)}; tasks: {', '.join(TASKS)} (or all)")
+    return tasks
 
 
 def _check_task(task: str) -> None:
@@ -271,17 +283,19 @@ def _fake_image(c: int, classes: int, size: int, rng: random.Random) -> Image.Im
     return Image.fromarray(np.clip(img + noise, 0, 255).astype(np.uint8))
 
 
-def write_fake_vtab(root: str | Path, task: str, classes: int = 3, per_class: int = 4, image_size: int = 32,
+def write_fake_vtab(root: str | Path, task: str, classes: int | None = None, per_class: int = 4, image_size: int = 32,
                     seed: int = 0, per_class_test: int | None = None) -> Path:
-    """Write a small generated VTAB-1K task folder ``<root>/<task>/`` and return its path.
+    """Write a small generated VTAB-1K task folder ``<root>/<task>/`` and return its path
+    (``lily-ssm fake-vtab``).
 
-    Labels ``0..classes-1`` (``classes`` must not exceed the task's real class count, so the folder
-    passes :class:`VTabDataset` validation). ``train800`` and ``val200`` get ``per_class`` images per
+    Labels ``0..classes-1`` (default ``min(3, the task's class count)``; at most the task's real class count, so
+    the folder passes :class:`VTabDataset` validation). ``train800`` and ``val200`` get ``per_class`` images per
     class, ``test`` gets ``per_class_test`` (default ``per_class``), and ``train800val200`` lists the
     union of train800 and val200. Images are PNGs under ``images/``; each class has its own colour and
     stripe angle/frequency, with per-image jitter and noise, so a tiny model can learn them.
     """
     _check_task(task)
+    classes = min(3, NUM_CLASSES[task]) if classes is None else classes
     if not 1 <= classes <= NUM_CLASSES[task]:
         raise ValueError(f"classes must be in 1..{NUM_CLASSES[task]} for task {task!r}, got {classes}")
     if per_class < 1:
@@ -302,6 +316,6 @@ def write_fake_vtab(root: str | Path, task: str, classes: int = 3, per_class: in
         rng.shuffle(rows)
         lines[split] = rows
     lines["train800val200"] = lines["train800"] + lines["val200"]
-    for split in SPLITS:
-        (task_dir / f"{split}.txt").write_text("".join(row + "\n" for row in lines[split]), encoding="utf-8")
+    for split in SPLITS:  # the lists last, each whole: an interrupted write leaves no list naming a missing image
+        write_atomic(task_dir / f"{split}.txt", "".join(row + "\n" for row in lines[split]))
     return task_dir

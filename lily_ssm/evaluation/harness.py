@@ -55,7 +55,7 @@ class LilyLM(HFLM):
         if adapter is not None:  # a missing, damaged or unreachable adapter fails before the model loads
             adapter = check_adapter_folder(str(adapter), adapter_revision)
         self._mamba_ssm: Path | None = None
-        if isinstance(pretrained, str):
+        if isinstance(pretrained, str):  # so does a missing model, or a Hub id offline (in seconds)
             pretrained = resolve_model_path(pretrained)
             self._mamba_ssm = mamba_ssm_folder(pretrained)
             if self._mamba_ssm is not None:

@@ -13,6 +13,7 @@ from torch import nn
 from ..config.record import read_record
 from ..persistence import read_adapter, save_adapter
 from ..persistence.hub import ADAPTER_FILES, HubError, hub_offline, hub_reason, is_hub_id, resolve_adapter
+from ..utils.hub_access import hub_endpoint, hub_unreachable
 
 
 def model_card(folder: str | os.PathLike, repo_id: str) -> str:
@@ -91,7 +92,11 @@ def push_adapter(model_or_folder: nn.Module | str | os.PathLike, repo_id: str, *
     if not is_hub_id(repo_id):
         raise HubError(f"repo_id {repo_id!r} is not a Hub repository id; use org/name")
     if hub_offline():
-        raise HubError(f"cannot push to {repo_id!r}: the Hub is switched off (HF_HUB_OFFLINE=1)")
+        raise HubError(f"cannot push to {repo_id!r}: the Hub is switched off (HF_HUB_OFFLINE=1); unset HF_HUB_OFFLINE")
+    # seconds, not half a minute of retries (a given api may have an endpoint of its own)
+    if api is None and (reason := hub_unreachable()) is not None:
+        raise HubError(f"cannot push to {repo_id!r}: the Hub at {hub_endpoint()} is unreachable ({reason}); push from "
+                       "a machine with network")
     if api is None:
         from huggingface_hub import HfApi
 

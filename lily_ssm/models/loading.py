@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from ..utils.hub_access import HubError, require_hub_repo
 from ..utils.paths import cache_dir
 from .mamba_ssm_checkpoint import (
     adopt_tokenizer,
@@ -41,27 +42,36 @@ def looks_like_local_path(name: str) -> bool:
             or name[-1:] in seps or name.count("/") > 1 or (os.sep != "/" and os.sep in name))
 
 
-def resolve_model_path(name_or_path: str) -> str:
-    """A hub id or folder as given; ``builtin:<name>`` becomes the cached folder of that model,
-    built (and briefly pre-trained) on first use. A name that can only be a local path must exist
-    (``FileNotFoundError`` otherwise, rather than the hub's "Repo id must be ..." message)."""
+def check_model_source(name_or_path: str, what: str = "model") -> None:
+    """Refuse, before anything loads, a model (or ``what``: ``tokenizer``, ...) that cannot be had: a local path
+    that is missing or a file, an unknown built-in name, or a Hub id that is neither cached nor downloadable now
+    (within seconds, see :func:`~lily_ssm.utils.hub_access.require_hub_repo`). A hub-id-shaped name that exists
+    here is a folder."""
+    if name_or_path.startswith(BUILTIN_PREFIX):
+        if name_or_path[len(BUILTIN_PREFIX):] not in BUILTIN_MODELS:
+            raise ValueError(f"unknown built-in model {name_or_path!r}; built-in models: "
+                             + ", ".join(BUILTIN_PREFIX + m for m in BUILTIN_MODELS))
+        return
+    path = Path(name_or_path).expanduser()
+    if looks_like_local_path(name_or_path) or path.exists():
+        if not path.exists():
+            raise FileNotFoundError(f"{what} folder {name_or_path} does not exist")
+        if not path.is_dir():
+            raise NotADirectoryError(f"{what} path {name_or_path} is a file; give the folder that holds "
+                                     "config.json and the weights")
+        return
+    require_hub_repo(name_or_path, what, "tokenizer_config.json" if what == "tokenizer" else "config.json")
+
+
+def resolve_model_path(name_or_path: str, what: str = "model") -> str:
+    """A hub id or folder as given, once :func:`check_model_source` accepts it; ``builtin:<name>`` becomes
+    the cached folder of that model, built (and briefly pre-trained) on first use."""
+    check_model_source(name_or_path, what)
     if not name_or_path.startswith(BUILTIN_PREFIX):
-        if looks_like_local_path(name_or_path):
-            path = Path(name_or_path).expanduser()
-            if not path.exists():
-                raise FileNotFoundError(f"model folder {name_or_path} does not exist")
-            if not path.is_dir():
-                raise NotADirectoryError(f"model path {name_or_path} is a file; give the folder that holds "
-                                         "config.json and the weights")
-            return str(path)
-        return name_or_path
-    name = name_or_path[len(BUILTIN_PREFIX):]
-    if name not in BUILTIN_MODELS:
-        raise ValueError(f"unknown built-in model {name_or_path!r}; built-in models: "
-                         + ", ".join(BUILTIN_PREFIX + m for m in BUILTIN_MODELS))
+        return str(Path(name_or_path).expanduser()) if looks_like_local_path(name_or_path) else name_or_path
     from .tiny import build_quickstart_base
 
-    return str(build_quickstart_base(cache_dir() / name))
+    return str(build_quickstart_base(cache_dir() / name_or_path[len(BUILTIN_PREFIX):]))
 
 
 def load_model_and_tokenizer(name_or_path: str, dtype: str | torch.dtype | None = "auto",
@@ -78,7 +88,7 @@ def load_model_and_tokenizer(name_or_path: str, dtype: str | torch.dtype | None 
     path = resolve_model_path(name_or_path)
     native = mamba_ssm_folder(path)
     if native is not None:
-        tok = load_tokenizer(native, resolve_model_path(tokenizer) if tokenizer else None)
+        tok = load_tokenizer(native, resolve_model_path(tokenizer, "tokenizer") if tokenizer else None)
         model = load_mamba_ssm_model(native, parse_dtype(dtype), device_map, name=path)
         adopt_tokenizer(model, tok, native)
     else:
@@ -88,7 +98,7 @@ def load_model_and_tokenizer(name_or_path: str, dtype: str | torch.dtype | None 
         if device_map is not None:
             kwargs["device_map"] = device_map
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-        tok = AutoTokenizer.from_pretrained(resolve_model_path(tokenizer) if tokenizer else path,
+        tok = AutoTokenizer.from_pretrained(resolve_model_path(tokenizer, "tokenizer") if tokenizer else path,
                                             trust_remote_code=trust_remote_code)
     patch_mamba_mixers(model)
     if tok.pad_token is None:
@@ -113,7 +123,10 @@ def load_model_config(name_or_path: str, trust_remote_code: bool = False) -> Any
 
     if name_or_path in KNOWN_CONFIGS and not Path(name_or_path).is_dir():
         return AutoConfig.for_model(**KNOWN_CONFIGS[name_or_path])
-    path = resolve_model_path(name_or_path)
+    try:
+        path = resolve_model_path(name_or_path)
+    except HubError as exc:
+        raise HubError(f"{exc}; to plan without it: one of {', '.join(KNOWN_CONFIGS)}") from None
     native = mamba_ssm_folder(path, weights=False)
     if native is not None:
         return transformers_config(read_mamba_ssm_config(native))

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ..utils.compat import reads_legacy_vit_checkpoints
+from .loading import check_model_source
 
 HEAD_NAME = "classifier"  # ViTForImageClassification's head: trained and saved with the adapter
 
@@ -78,6 +79,7 @@ def build_vit(num_classes: int, checkpoint: str | None = None, preset: str = "vi
         values = {**VIT_PRESETS[preset], **({"image_size": img_size} if img_size is not None else {}), **overrides}
         model = ViTForImageClassification(ViTConfig(**values, num_labels=num_classes))
         return replace_head(model, num_classes)
+    check_model_source(checkpoint, "ViT checkpoint")  # a Hub id offline fails now, in seconds
     kind = AutoConfig.from_pretrained(checkpoint).model_type
     if kind != "vit":
         raise ViTCheckpointError(f"checkpoint {checkpoint} holds a {kind!r} model; model.kind: vit takes transformers "

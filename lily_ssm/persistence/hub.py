@@ -4,28 +4,14 @@ repository (see :mod:`.push` for the way up)."""
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
+
+from ..utils.hub_access import HubError, hub_offline, is_hub_id, require_hub_repo
 
 # What an adapter repository may hold that lily-ssm reads; never pickles (adapter_model.bin).
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "experiment.yaml", "result.json", "results.json",
                  "README.md")
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
-
-
-class HubError(ValueError):
-    """A Hub id that cannot be resolved or pushed (offline, unknown repository or revision, ...)."""
-
-
-def is_hub_id(name: str) -> bool:
-    """Whether ``name`` has the shape of a Hub repository id (``org/name``)."""
-    return bool(_HUB_ID.match(name))
-
-
-def hub_offline() -> bool:
-    from huggingface_hub import constants
-
-    return bool(constants.HF_HUB_OFFLINE)
+__all__ = ["ADAPTER_FILES", "HubError", "hub_offline", "hub_reason", "is_hub_id", "resolve_adapter"]
 
 
 def resolve_adapter(name_or_path: str | os.PathLike, revision: str | None = None) -> Path:
@@ -42,6 +28,7 @@ def resolve_adapter(name_or_path: str | os.PathLike, revision: str | None = None
     if isinstance(name_or_path, Path) or not is_hub_id(text):
         hint = "" if "/" in text else " (a Hub adapter is named org/name)"
         raise FileNotFoundError(f"adapter folder {text} does not exist{hint}")
+    require_hub_repo(text, "adapter", "adapter_config.json", revision)  # within seconds, not after retries
     return _download(text, revision)
 
 

@@ -23,7 +23,8 @@ def config_from_dict(data: dict[str, Any]) -> AdapterConfig:
     names = {f.name for f in fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ValueError(f"unknown {method} config field(s) {', '.join(unknown)}; valid: {', '.join(sorted(names))}")
+        raise ValueError(f"unknown {method} config field(s) {', '.join(unknown)}; valid: {', '.join(sorted(names))} "
+                         "(lily-ssm config lists them with their meaning)")
     try:
         config = cls(**data)
     except TypeError as exc:

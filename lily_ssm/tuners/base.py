@@ -23,6 +23,11 @@ from .blocks import ACTIVATIONS
 from .routing import RoutingContext
 from .targets import TargetGroup, TargetModule
 
+# The meaning of the fields every method's config has (``lily-ssm config`` prints them).
+TARGETS_HELP = ("module-name suffixes, e.g. [in_proj, dt_proj] (a part of a packed projection: in_proj.x; a block: "
+                "ViT's mlp), or one regex over full module paths")
+MODULES_TO_SAVE_HELP = "modules trained in full and saved with the adapter, e.g. a new classifier head [head]"
+
 
 def kaiming_uniform_(tensor: torch.Tensor, fan_in: int) -> torch.Tensor:
     """``nn.Linear``'s default init (Kaiming-uniform, a=√5) for a tensor of any layout."""

@@ -121,7 +121,8 @@ def _type_ok(value: Any, annotation: str) -> bool:
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str], source: str,
                     sections: tuple[str, ...]) -> dict[str, Any]:
-    """Apply ``section.key=value`` strings (values parsed as YAML scalars) to a raw config mapping."""
+    """Apply ``section.key=value`` strings (values parsed as YAML) to a raw config mapping. A longer dotted key
+    reaches into a mapping the file holds (``adapter.overrides.dt_proj.r=4``; see :func:`_set_dotted`)."""
     if overrides and not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping with sections {', '.join(sections)}, "
                           f"got {type(raw).__name__}")
@@ -135,11 +136,38 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str], source: str,
         if not isinstance(raw.setdefault(section, {}), dict):
             raise ConfigError(f"{source}: section {section!r} must be a mapping, got {type(raw[section]).__name__}")
         try:
-            raw[section][key] = yaml.safe_load(text) if text else ""
+            value = yaml.safe_load(text) if text else ""
         except yaml.YAMLError as exc:
-            raise ConfigError(f"--set {item!r}: the value is not a valid YAML scalar: {' '.join(str(exc).split())}"
-                              ) from exc
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML: {' '.join(str(exc).split())}") from exc
+        _set_dotted(raw[section], section, key.split("."), value, item)
     return raw
+
+
+def _set_dotted(mapping: dict[str, Any], where: str, parts: list[str], value: Any, item: str) -> None:
+    """Set the dotted key ``parts`` in ``mapping`` (at ``where``). The longest run of parts that is a key there
+    wins (so a target key such as ``in_proj.x`` stays one key) and the rest reaches into its value, which must
+    be a mapping; a key that is not there is added only as the last part (a new leaf, never a new mapping)."""
+    for n in range(len(parts), 0, -1):
+        key = ".".join(parts[:n])
+        if key in mapping:
+            break
+    else:
+        if len(parts) == 1:
+            mapping[parts[0]] = value
+            return
+        nested = value
+        for part in reversed(parts[1:]):
+            nested = {part: nested}
+        example = yaml.safe_dump(nested, default_flow_style=True, width=1000).strip()
+        raise ConfigError(f"--set {item!r}: {where} has no key {parts[0]!r} to reach into (keys there: "
+                          f"{', '.join(map(str, mapping)) or 'none'}); set the whole mapping as YAML instead, e.g. "
+                          f"--set '{where}.{parts[0]}={example}'")
+    if n == len(parts):
+        mapping[key] = value
+        return
+    if not isinstance(mapping[key], dict):
+        raise ConfigError(f"--set {item!r}: {where}.{key} is {mapping[key]!r}, not a mapping to reach into")
+    _set_dotted(mapping[key], f"{where}.{key}", parts[n:], value, item)
 
 
 def parse_sections(raw: Any, classes: dict[str, type], source: str) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from ..base import AdapterConfig, AdapterPool, check_dropout, check_positive_ints
+from ...utils.sections import setting
+from ..base import MODULES_TO_SAVE_HELP, TARGETS_HELP, AdapterConfig, AdapterPool, check_dropout, check_positive_ints
 from ..routing import RoutingContext, is_causal_lm
 from ..targets import TargetGroup
 from .layer import LilyPool
@@ -24,50 +25,33 @@ LOOKAHEAD_MODES = ("sequence", "batch")
 class LilyConfig(AdapterConfig):
     """Lily: locally shared A experts, globally shared B experts, data-dependent routers.
 
-    Args:
-        targets: module-name suffixes (``["in_proj", "dt_proj"]``) or one regex over full paths. A suffix
-            may name a block the adapter runs parallel to (ViT's ``mlp``: input the MLP's input, output
-            added to the MLP's output, ReLU between A and B as in the published ViT code).
-        r: rank of each A / B expert.
-        num_A: A experts per target type; layer ℓ of L uses ``floor(ℓ·num_A/L)``. ``num_A = L``
-            gives one A per layer.
-        num_B: B experts per target type, shared by all its layers.
-        scaling: multiplier on the adapter output.
-        dropout: dropout probability, on the adapter input (``dropout_position="input"``) or on the
-            rank-r activations after A, which the router and B then read (``"after_A"``, the published
-            Vim code).
-        routing: ``causal`` (per token, running mean over tokens so far), ``sequence`` (per sample, mean
-            over its prompt: the valid tokens that carry no label), ``token`` (per token) or ``batch``
-            (one mix per batch, as the published code and PEFT do; padding counts). ``auto`` (the
-            default) is ``causal`` for causal LMs and ``sequence`` for other models.
-        router: one router per ``layer``, per A ``group``, or one ``global`` router per target type.
-        stride_A: group layers into A experts as PEFT and the published code do, layer ℓ using A
-            number ``ℓ // stride_A``; ``num_A`` must then be ``ceil(L / stride_A)``. ``None`` (the
-            default) gives the balanced blocks above.
-        allow_lookahead: permit ``sequence`` / ``batch`` routing where later tokens steer earlier
-            outputs of a causal LM in training (only to reproduce the published code).
-        overrides: per-target-type values of ``r``, ``num_A``, ``num_B``, ``scaling``, ``stride_A``,
-            ``dropout``.
-        modules_to_save: modules (name suffixes, e.g. ``["head"]``) trained in full and saved with the
-            adapter, such as a new classifier head.
+    Each field's meaning is its ``help`` (``lily-ssm config train`` prints them all); docs/design.md §2 and §4
+    explain the method and the routing modes.
     """
 
     method: ClassVar[str] = "lily"
     overridable: ClassVar[tuple[str, ...]] = ("r", "num_A", "num_B", "scaling", "stride_A", "dropout")
 
-    targets: str | list[str]
-    r: int
-    num_A: int
-    num_B: int
-    scaling: float = 1.0
-    dropout: float = 0.0
-    routing: str = "auto"
-    router: str = "layer"
-    stride_A: int | None = None
-    dropout_position: str = "input"
-    allow_lookahead: bool = False
-    overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
-    modules_to_save: list[str] = field(default_factory=list)
+    targets: str | list[str] = setting(help=TARGETS_HELP)
+    r: int = setting(help="rank of each A and B expert")
+    num_A: int = setting(help="A experts (down-projections) per target type; layer l of L uses floor(l*num_A/L); "
+                              "num_A = L gives one A per layer")
+    num_B: int = setting(help="B experts (up-projections) per target type, shared by all its layers")
+    scaling: float = setting(1.0, help="multiplier on the adapter's output")
+    dropout: float = setting(0.0, help="dropout probability (where: dropout_position)")
+    routing: str = setting("auto", help="how tokens' router scores mix the B experts: causal, sequence, token or "
+                                        "batch; auto: causal for causal LMs, sequence otherwise")
+    router: str = setting("layer", help="routers: one per layer, per A group, or one global router per target type")
+    stride_A: int | None = setting(None, help="layer l uses A number l // stride_A (PEFT's and the published "
+                                              "grouping; num_A must be ceil(L / stride_A)); unset: balanced blocks")
+    dropout_position: str = setting("input", help="input: dropout on the adapter's input; after_A: on the rank-r "
+                                                  "activations the router and B read (the published Vim code)")
+    allow_lookahead: bool = setting(False, help="accept sequence / batch routing where later tokens steer earlier "
+                                                "outputs of a causal LM in training (to reproduce published code)")
+    overrides: dict[str, dict[str, Any]] = setting(
+        default_factory=dict, help="per target type: r, num_A, num_B, scaling, stride_A, dropout, e.g. "
+                                   "{dt_proj: {r: 4, num_B: 1}}")
+    modules_to_save: list[str] = setting(default_factory=list, help=MODULES_TO_SAVE_HELP)
 
     def validate(self) -> None:
         if self.routing not in (*ROUTING_MODES, "auto"):
