@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import re
 import sys
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 PINNED = ("transformers", "peft", "lm-eval", "accelerate", "datasets", "huggingface_hub", "safetensors")
 

@@ -22,7 +22,7 @@ from torch import nn
 
 from .. import ops
 from ..ops import ssd
-from ..utils.compat import LayerStates
+from ..utils.compat import LayerStates, gated_rms_norm
 from .padding import mask_padding
 from .projection import read_parameters
 from .recompute import fused_enabled, recompute
@@ -30,7 +30,7 @@ from .recompute import fused_enabled, recompute
 
 def _gate_and_norm(mixer: nn.Module, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     if getattr(mixer, "mamba_rms_norm", True):
-        return mixer.norm(y, gate)
+        return gated_rms_norm(mixer.norm, y, gate, mixer.n_groups)
     return y * F.silu(gate)  # Falcon-H1 without its norm
 
 

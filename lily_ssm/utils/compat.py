@@ -6,7 +6,9 @@ transformers 5.21 added ``get_conv_state`` / ``get_recurrent_state`` / ``is_reco
 ``has_previous_state[0]`` is set); writing (``update_conv_state`` with ``conv_kernel_size``, ``update_recurrent_state``)
 is the same throughout. 5.23 renamed gradient checkpointing to activation checkpointing. Before 5.15 the
 Falcon-Mamba mixer had no norm modules, so a module-calling forward would silently skip its norms. Before 5.18
-transformers could not read the hub's ViT checkpoints (their keys predate ViT's renamed modules).
+transformers could not read the hub's ViT checkpoints (their keys predate ViT's renamed modules). Early 5.x Mamba-2,
+Bamba and GraniteMoeHybrid gated norms normalise over all of d_inner, not per group of ``n_groups`` as mamba-ssm (and
+later transformers) do: a different function whenever ``n_groups`` > 1.
 """
 
 from __future__ import annotations
@@ -80,3 +82,15 @@ def reads_legacy_vit_checkpoints() -> bool:
     from packaging.version import Version
 
     return Version(transformers.__version__).release >= (5, 18)
+
+
+def gated_rms_norm(norm: nn.Module, y: torch.Tensor, gate: torch.Tensor, n_groups: int) -> torch.Tensor:
+    """A Mamba-2 mixer's gated RMS norm, ``norm(y, gate)``, normalising per group of ``n_groups`` as mamba-ssm's
+    ``RMSNormGated(group_size=d_inner / ngroups)`` does, also where the installed transformers' norm has no groups."""
+    if n_groups == 1 or hasattr(norm, "group_size") or hasattr(norm, "n_groups"):
+        return norm(y, gate)
+    dtype = y.dtype
+    h = y.float() * nn.functional.silu(gate.float())
+    h = h.unflatten(-1, (n_groups, -1))
+    h = (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)).flatten(-2)
+    return norm.weight * h.to(dtype)
