@@ -28,6 +28,7 @@ def _vtab(args: argparse.Namespace) -> int:
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         raise ValueError(f"unknown VTAB task(s) {', '.join(unknown)}; tasks: {', '.join(TASKS)} (or all)")
+    experiment.check_inputs(tasks)  # every task's inputs, before the first one trains
     results = {task: run_vtab_task(experiment, task) for task in tasks}
     print()
     print(summarize(results, experiment.training.output_dir))
@@ -48,7 +49,7 @@ def _train(args: argparse.Namespace) -> int:
               "CUDA itself); nothing was trained")
         return 0
     result = run_training(config)
-    if result["main_process"]:  # under torchrun, rank 0 wrote the adapter and reports it
+    if result["main_process"] and not result.get("finished_earlier"):  # rank 0 wrote the adapter and reports it
         print(f"adapter written to {result['adapter']} after {result['global_step']} steps; log: {result['log']}")
     return 0
 
@@ -65,9 +66,10 @@ def _eval_commonsense(args: argparse.Namespace) -> int:
     from .config.record import read_record
     from .data.prompts import resolve_tasks
     from .evaluation.commonsense import evaluate_commonsense, markdown_table, task_test_file
-    from .models.loading import load_model_and_tokenizer
+    from .models.loading import check_model_source, load_model_and_tokenizer
     from .persistence import check_adapter_folder, load_adapter
 
+    check_model_source(args.model)
     for task in resolve_tasks(args.tasks):  # bad task names or missing files fail before the model loads
         task_test_file(args.data_root, task)
     # a missing, damaged or unreachable adapter fails before the model loads, too

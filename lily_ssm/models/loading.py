@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..utils.paths import cache_dir
+from ..utils.paths import cache_dir, looks_like_local_path
 
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_MODELS = ("tiny-falcon-mamba",)
@@ -24,36 +23,34 @@ def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | str | None:
     return _DTYPES[name]
 
 
-def looks_like_local_path(name: str) -> bool:
-    """Whether ``name`` can only mean a folder on this machine, not a hub id (``org/name`` or ``name``):
-    absolute, ``~``, ``./`` or ``../``, ending in a separator, or with more than one ``/`` (``runs/x/y``)."""
-    seps = {"/", os.sep, *([os.altsep] if os.altsep else [])}
-    return (os.path.isabs(name) or name.startswith("~") or name in (".", "..")
-            or any(name.startswith(f"{dots}{sep}") for dots in (".", "..") for sep in seps)
-            or name[-1:] in seps or name.count("/") > 1 or (os.sep != "/" and os.sep in name))
+def check_model_source(name_or_path: str) -> None:
+    """Raise at once, building and loading nothing, if ``name_or_path`` cannot name a model: an unknown
+    ``builtin:`` name, or a name that can only be a local path (see :func:`looks_like_local_path`) and is
+    not an existing folder. A Hub id passes: it is checked when it is fetched."""
+    if name_or_path.startswith(BUILTIN_PREFIX):
+        if name_or_path[len(BUILTIN_PREFIX):] not in BUILTIN_MODELS:
+            raise ValueError(f"unknown built-in model {name_or_path!r}; built-in models: "
+                             + ", ".join(BUILTIN_PREFIX + m for m in BUILTIN_MODELS))
+    elif looks_like_local_path(name_or_path):
+        path = Path(name_or_path).expanduser()
+        if not path.exists():
+            raise FileNotFoundError(f"model folder {name_or_path} does not exist; give a local model folder, a Hub "
+                                    f"id (org/name) or {BUILTIN_PREFIX}{BUILTIN_MODELS[0]}")
+        if not path.is_dir():
+            raise NotADirectoryError(f"model path {name_or_path} is a file; give the folder that holds "
+                                     "config.json and the weights")
 
 
 def resolve_model_path(name_or_path: str) -> str:
     """A hub id or folder as given; ``builtin:<name>`` becomes the cached folder of that model,
     built (and briefly pre-trained) on first use. A name that can only be a local path must exist
-    (``FileNotFoundError`` otherwise, rather than the hub's "Repo id must be ..." message)."""
+    (:func:`check_model_source`, rather than the hub's "Repo id must be ..." message)."""
+    check_model_source(name_or_path)
     if not name_or_path.startswith(BUILTIN_PREFIX):
-        if looks_like_local_path(name_or_path):
-            path = Path(name_or_path).expanduser()
-            if not path.exists():
-                raise FileNotFoundError(f"model folder {name_or_path} does not exist")
-            if not path.is_dir():
-                raise NotADirectoryError(f"model path {name_or_path} is a file; give the folder that holds "
-                                         "config.json and the weights")
-            return str(path)
-        return name_or_path
-    name = name_or_path[len(BUILTIN_PREFIX):]
-    if name not in BUILTIN_MODELS:
-        raise ValueError(f"unknown built-in model {name_or_path!r}; built-in models: "
-                         + ", ".join(BUILTIN_PREFIX + m for m in BUILTIN_MODELS))
+        return str(Path(name_or_path).expanduser()) if looks_like_local_path(name_or_path) else name_or_path
     from .tiny import build_quickstart_base
 
-    return str(build_quickstart_base(cache_dir() / name))
+    return str(build_quickstart_base(cache_dir() / name_or_path[len(BUILTIN_PREFIX):]))
 
 
 def load_model_and_tokenizer(name_or_path: str, dtype: str | torch.dtype | None = "auto",
