@@ -260,7 +260,8 @@ def test_range_errors_through_the_cli(tmp_path, capsys):
 @pytest.mark.parametrize("name", ["/no/such/dir", "./org/name", "../models/m", "runs/x/y", "~/no-such-model-dir",
                                   "runs/"])
 def test_missing_local_model_path(name):
-    with pytest.raises(FileNotFoundError, match=f"^model folder {name} does not exist$"):
+    with pytest.raises(FileNotFoundError, match=f"^model folder {name} does not exist; give a local model folder, a "
+                                                "Hub id \\(org/name\\) or builtin:tiny-falcon-mamba$"):
         resolve_model_path(name)
 
 
@@ -272,7 +273,8 @@ def test_hub_ids_are_passed_through(name):
 def test_missing_model_through_the_cli(tmp_path, data_root, capsys):
     assert cli(["eval-commonsense", "--model", "/no/such/dir", "--data-root", str(data_root), "--tasks", "boolq"]) == 2
     assert one_line_error(capsys, "model folder /no/such/dir does not exist") == (
-        "lily-ssm eval-commonsense: error: model folder /no/such/dir does not exist")
+        "lily-ssm eval-commonsense: error: model folder /no/such/dir does not exist; give a local model folder, a Hub "
+        "id (org/name) or builtin:tiny-falcon-mamba")
     (tmp_path / "weights.bin").write_text("x")
     assert cli(["eval-commonsense", "--model", str(tmp_path / "weights.bin"), "--data-root", str(data_root),
                 "--tasks", "boolq"]) == 2
