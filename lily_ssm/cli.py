@@ -69,11 +69,11 @@ def _eval_commonsense(args: argparse.Namespace) -> int:
     from .models.loading import check_model_source, load_model_and_tokenizer
     from .persistence import check_adapter_folder, load_adapter
 
-    check_model_source(args.model)
     for task in resolve_tasks(args.tasks):  # bad task names or missing files fail before the model loads
         task_test_file(args.data_root, task)
-    # a missing, damaged or unreachable adapter fails before the model loads, too
+    # a missing, damaged or unreachable adapter or a missing model folder fails before the model loads, too
     adapter = check_adapter_folder(args.adapter, args.adapter_revision) if args.adapter else None
+    check_model_source(args.model)
     record = read_record(adapter) if adapter else None
     trained = record.protocol if record else None
     protocol = args.protocol or trained or "paper"

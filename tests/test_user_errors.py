@@ -465,6 +465,7 @@ def save_to(path, obj):
 
 def test_bad_checkpoint_through_the_vtab_cli(tmp_path, capsys):
     (tmp_path / "vim.pth").write_bytes(pickle.dumps({"model": {"w": [1, 2]}, "f": len}))
+    write_fake_vtab(tmp_path, "dtd", classes=2, per_class=1, image_size=8)  # the data is fine: the checkpoint is not
     tiny = os.path.join(os.path.dirname(__file__), "..", "configs", "vim", "tiny.yaml")
     assert cli(["vtab", tiny, "--task", "dtd", "--set", f"model.checkpoint={tmp_path / 'vim.pth'}",
                 "--set", f"data.root={tmp_path}", "--set", f"training.output_dir={tmp_path / 'out'}"]) == 2
