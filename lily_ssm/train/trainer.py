@@ -255,8 +255,11 @@ def run_training(config: ExperimentConfig, log: Any = print) -> dict[str, Any]:
     """Load the base model, inject the adapter, fine-tune, and save the final adapter to
     ``training.output_dir``. Returns the trainer's metrics and where things were written.
 
-    The folder is locked for the run's whole life and checked against it first (see
-    :meth:`~lily_ssm.train.run_folder.RunFolder.prepare`); under ``torchrun`` only rank 0 writes."""
+    Every input is checked first (:meth:`ExperimentConfig.check_inputs`), then the folder: by default
+    (``training.resume: auto``) a rerun of the same run continues from its newest complete checkpoint, and a
+    finished one returns at once (``finished_earlier``: true, ``model`` None) with nothing loaded (see
+    :meth:`~lily_ssm.train.run_folder.RunFolder.prepare`). The folder is locked for the run's whole life;
+    under ``torchrun`` only rank 0 writes."""
     adapter_config = config.adapter_config()
     data, training = config.data, config.training
     args = _training_arguments(config, data.val_set_size > 0)  # under torchrun: joins the process group
