@@ -25,6 +25,7 @@ def _vtab(args: argparse.Namespace) -> int:
 
     experiment = load_vtab_config(args.config, args.set)
     tasks = parse_tasks(args.task)
+    experiment.check_inputs(tasks)  # every task's inputs, before the first one trains
     results = {task: run_vtab_task(experiment, task) for task in tasks}
     print()
     print(summarize(results, experiment.training.output_dir))
@@ -45,7 +46,7 @@ def _train(args: argparse.Namespace) -> int:
               "CUDA itself); nothing was trained")
         return 0
     result = run_training(config)
-    if result["main_process"]:  # under torchrun, rank 0 wrote the adapter and reports it
+    if result["main_process"] and not result.get("finished_earlier"):  # rank 0 wrote the adapter and reports it
         print(f"adapter written to {result['adapter']} after {result['global_step']} steps; log: {result['log']}")
     return 0
 
@@ -67,7 +68,7 @@ def _eval_commonsense(args: argparse.Namespace) -> int:
 
     for task in resolve_tasks(args.tasks):  # bad task names or missing files fail before the model loads
         task_test_file(args.data_root, task)
-    # a missing, damaged or unreachable adapter fails before the model loads, too
+    # a missing, damaged or unreachable adapter or a missing model folder fails before the model loads, too
     adapter = check_adapter_folder(args.adapter, args.adapter_revision) if args.adapter else None
     check_model_source(args.model)  # so does a missing model, or a Hub id offline (in seconds)
     record = read_record(adapter) if adapter else None

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 from conftest import language_assets, randomise_adapter
+from transformers import Trainer
 
 import lily_ssm
 from lily_ssm.cli import main as cli
@@ -88,15 +89,25 @@ def test_resume_continues_from_the_saved_step(assets, tmp_path):
     assert len(runs) == 2 and training_seconds(out / LOG_NAME) == pytest.approx(sum(runs))
 
 
-def test_resuming_from_the_final_checkpoint_trains_nothing(assets, tmp_path):
+def test_resuming_from_the_final_checkpoint_trains_nothing(assets, tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
+    from lily_ssm.train.trainer import AdapterTrainer
+
     out = tmp_path / "run"
-    run_training(parse_config(experiment(assets, out, max_steps=10)), log=lambda *_: None)
+    def killed_before_the_final_adapter(self, output_dir=None, _internal_call=False):
+        if not _internal_call:  # checkpoints save with _internal_call=True
+            raise KeyboardInterrupt
+        return Trainer.save_model(self, output_dir, _internal_call)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(AdapterTrainer, "save_model", killed_before_the_final_adapter)
+        with pytest.raises(KeyboardInterrupt):
+            run_training(parse_config(experiment(assets, out, max_steps=10)), log=lambda *_: None)
     final = load_file(out / "checkpoint-10" / "adapter_model.safetensors")
     lines = []
-    again = run_training(parse_config(experiment(assets, out, max_steps=10, resume=True)), log=lines.append)
-    assert again["global_step"] == 10 and any("nothing left to train" in line for line in lines)
+    again = run_training(parse_config(experiment(assets, out, max_steps=10)), log=lines.append)
+    assert again["global_step"] == 10 and "resuming from checkpoint-10 (step 10 of 10)" in lines
     assert max(row["step"] for row in log_rows(out) if "step" in row) == 10
     saved = load_file(out / "adapter_model.safetensors")
     assert all(torch.equal(saved[k], final[k]) for k in final)

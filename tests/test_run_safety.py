@@ -97,14 +97,30 @@ def test_resume_skips_an_incomplete_newest_checkpoint(assets, tmp_path, monkeypa
     assert (out / "checkpoint-20" / CHECKPOINT_MARKER).is_file()
 
 
-def test_a_damaged_file_makes_a_checkpoint_incomplete(assets, tmp_path, reference):
+def _interrupt_before_the_final_adapter(monkeypatch):
+    """Make the run die after its last checkpoint, before it writes its final adapter."""
+    original = trainer_module.AdapterTrainer.save_model
+
+    def save_model(self, output_dir=None, _internal_call=False):
+        if not _internal_call:
+            raise Killed
+        return original(self, output_dir, _internal_call)
+
+    monkeypatch.setattr(trainer_module.AdapterTrainer, "save_model", save_model)
+
+
+def test_a_damaged_file_makes_a_checkpoint_incomplete(assets, tmp_path, monkeypatch, reference):
     out = tmp_path / "run"
-    train(assets, out)
+    with monkeypatch.context() as patch:
+        _interrupt_before_the_final_adapter(patch)
+        with pytest.raises(Killed):
+            train(assets, out)
     with open(out / "checkpoint-20" / "optimizer.pt", "r+b") as handle:
         handle.truncate(100)
     lines: list[str] = []
-    train(assets, out, log=lines.append, resume=True)
+    train(assets, out, log=lines.append)
     assert any("checkpoint-20: optimizer.pt differs" in line for line in lines)
+    assert [line for line in lines if line.startswith("resuming")] == ["resuming from checkpoint-10 (step 10 of 20)"]
     assert same(load_file(out / "adapter_model.safetensors"), reference)
 
 
@@ -114,15 +130,19 @@ def test_another_runs_checkpoints_are_refused(assets, tmp_path):
     with pytest.raises(ConfigError, match=r"cannot resume: .*run.json records another run's settings "
                                           r"\(training.learning_rate: 0.02 now, 0.01 in the folder\)"):
         train(assets, out, resume=True, learning_rate=2e-2)
-    with pytest.raises(ConfigError, match="already holds the checkpoints or adapter of an earlier run with these "
-                                          "settings; set training.resume: true"):
-        train(assets, out, max_steps=10)
-    with pytest.raises(ConfigError, match="of another run; set training.resume: true to continue it \\(same"):
-        train(assets, out, max_steps=10, learning_rate=2e-2)
+    with pytest.raises(ConfigError, match=r"cannot resume: .*run.json records another run's settings "
+                                          r"\(training.learning_rate: 0.02 now, 0.01 in the folder\)"):
+        train(assets, out, max_steps=10, learning_rate=2e-2)  # the default, resume: auto, refuses it too
+    with pytest.raises(ConfigError, match="training.resume: false, but training.output_dir .* already holds the "
+                                          "checkpoints or adapter of an earlier run with these settings; remove "
+                                          "training.resume: false to continue it, or set training.overwrite: true"):
+        train(assets, out, max_steps=10, resume=False)
+    with pytest.raises(ConfigError, match="of another run; use another training.output_dir, or set training.overwrite"):
+        train(assets, out, max_steps=10, learning_rate=2e-2, resume=False)
     before = load_file(out / "checkpoint-10" / "adapter_model.safetensors")
     train(assets, out, max_steps=10, learning_rate=2e-2, overwrite=True)  # replaced, on request
     assert not same(load_file(out / "checkpoint-10" / "adapter_model.safetensors"), before)
-    train(assets, out, max_steps=10, learning_rate=2e-2, resume=True)  # the new run's own folder resumes
+    train(assets, out, max_steps=12, learning_rate=2e-2)  # the new run's own folder resumes (trained longer)
 
 
 def test_a_folder_without_a_run_record_is_not_adopted(assets, tmp_path):

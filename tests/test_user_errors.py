@@ -260,7 +260,8 @@ def test_range_errors_through_the_cli(tmp_path, capsys):
 @pytest.mark.parametrize("name", ["/no/such/dir", "./org/name", "../models/m", "runs/x/y", "~/no-such-model-dir",
                                   "runs/"])
 def test_missing_local_model_path(name):
-    with pytest.raises(FileNotFoundError, match=f"^model folder {name} does not exist$"):
+    with pytest.raises(FileNotFoundError, match=f"^model folder {name} does not exist; give a local model folder, a "
+                                                "Hub id \\(org/name\\) or builtin:tiny-falcon-mamba$"):
         resolve_model_path(name)
 
 
@@ -276,7 +277,8 @@ def test_hub_ids_are_hub_ids(name, tmp_path, monkeypatch):
 def test_missing_model_through_the_cli(tmp_path, data_root, capsys):
     assert cli(["eval-commonsense", "--model", "/no/such/dir", "--data-root", str(data_root), "--tasks", "boolq"]) == 2
     assert one_line_error(capsys, "model folder /no/such/dir does not exist") == (
-        "lily-ssm eval-commonsense: error: model folder /no/such/dir does not exist")
+        "lily-ssm eval-commonsense: error: model folder /no/such/dir does not exist; give a local model folder, a Hub "
+        "id (org/name) or builtin:tiny-falcon-mamba")
     (tmp_path / "weights.bin").write_text("x")
     assert cli(["eval-commonsense", "--model", str(tmp_path / "weights.bin"), "--data-root", str(data_root),
                 "--tasks", "boolq"]) == 2
@@ -467,6 +469,7 @@ def save_to(path, obj):
 
 def test_bad_checkpoint_through_the_vtab_cli(tmp_path, capsys):
     (tmp_path / "vim.pth").write_bytes(pickle.dumps({"model": {"w": [1, 2]}, "f": len}))
+    write_fake_vtab(tmp_path, "dtd", classes=2, per_class=1, image_size=8)  # the data is fine: the checkpoint is not
     tiny = os.path.join(os.path.dirname(__file__), "..", "configs", "vim", "tiny.yaml")
     assert cli(["vtab", tiny, "--task", "dtd", "--set", f"model.checkpoint={tmp_path / 'vim.pth'}",
                 "--set", f"data.root={tmp_path}", "--set", f"training.output_dir={tmp_path / 'out'}"]) == 2

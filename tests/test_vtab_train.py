@@ -39,7 +39,7 @@ def test_an_interrupted_run_resumes(root, tmp_path):
     args = [f"data.root={root}", f"training.output_dir={tmp_path}", "training.eval_every=2"]
     run_vtab_task(load_vtab_config(TINY, [*args, "training.epochs=2"]), "eurosat", log=messages.append)
     result = run_vtab_task(load_vtab_config(TINY, [*args, "training.epochs=4"]), "eurosat", log=messages.append)
-    assert any("resuming after epoch 2" in m for m in messages)
+    assert "eurosat: resuming from checkpoint-2 (epoch 2 of 4)" in messages
     assert [h["epoch"] for h in result["history"]] == [1, 2, 3, 4] and result["epochs"] == 4
     assert [p.name for p in (tmp_path / "eurosat").glob("checkpoint-*")] == ["checkpoint-4"]
 
@@ -89,7 +89,7 @@ def test_a_kill_inside_a_checkpoint_resumes_from_the_last_whole_one(root, tmp_pa
     assert sorted(p.name for p in (out / "eurosat").iterdir() if p.name.startswith("checkpoint")) == ["checkpoint-1"]
     messages: list[str] = []
     run_vtab_task(load_vtab_config(TINY, [*args, f"training.output_dir={out}"]), "eurosat", log=messages.append)
-    assert any("resuming after epoch 1" in m for m in messages)
+    assert "eurosat: resuming from checkpoint-1 (epoch 1 of 3)" in messages
     final, reference = _adapter(out / "eurosat"), _adapter(tmp_path / "ref" / "eurosat")
     assert all(torch.equal(final[k], reference[k]) for k in reference)
 

@@ -233,6 +233,10 @@ def parse_ablation(raw: Any, source: str = "<dict>") -> AblationConfig:
     training = dict(raw.get("training") or {})
     if "output_dir" in training:
         raise ConfigError(f"{source}: training.output_dir is set per arm under ablation.output_dir; remove it")
+    if "resume" in training:
+        raise ConfigError(f"{source}: training.resume is not an ablation setting: each arm continues its own run, "
+                          "and a finished arm is skipped (delete <ablation.output_dir>/<arm>/ to run it again); "
+                          "remove it")
     raw["training"] = {**training, "output_dir": "<per arm>"}
     sections, _ = parse_sections({**raw, "adapter": {}}, classes, source)
     if ablation.path == "vim":
@@ -243,6 +247,11 @@ def parse_ablation(raw: Any, source: str = "<dict>") -> AblationConfig:
     values = {name: section.record() if hasattr(section, "record") else asdict(section)
               for name, section in sections.items()}
     del values["training"]["output_dir"]
+    # resume is the runner's per arm; the specs record what they held before resume: auto existed (the language
+    # section's old default false, no key on the Vim path), so that earlier ablation folders still match
+    del values["training"]["resume"]
+    if ablation.path == "language":
+        values["training"]["resume"] = False
     config = AblationConfig(ablation, values, source)
     config.target_sets()
     if ablation.path == "language" and "lily" in ablation.methods:  # refuse a leaking arm before any trains

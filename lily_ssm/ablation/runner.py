@@ -55,6 +55,7 @@ def _training_part(spec: dict[str, Any]) -> dict[str, Any]:
 def run_ablation(config: AblationConfig, log: Any = print, dry_run: bool = False) -> dict[str, Any]:
     """Plan the arms, run those not finished yet, and write the tables; returns the table rows."""
     ablation = config.ablation
+    check_data(config)  # a missing input should not cost planning (a model build) or a training run per arm
     arms = plan_arms(config)
     out = Path(ablation.output_dir)
     log(f"{len(arms)} arms at a budget of {ablation.budget:,} adapter parameters (±{ablation.tolerance:.0%}):")
@@ -62,7 +63,6 @@ def run_ablation(config: AblationConfig, log: Any = print, dry_run: bool = False
         log("  " + describe_arm(arm))
     if dry_run:
         return {"arms": [arm.to_dict() for arm in arms], "rows": []}
-    check_data(config)  # a missing test set should not cost a training run per arm
     with folder_lock(out, "lily-ssm ablate"):
         return _run_arms(config, arms, out, log)
 
@@ -106,24 +106,20 @@ def _run_arms(config: AblationConfig, arms: list[Arm], out: Path, log: Any) -> d
 
 
 def check_data(config: AblationConfig) -> None:
-    """Raise ``FileNotFoundError`` naming the first data file the arms would miss."""
+    """Raise naming the first input the arms would miss (model, checkpoint or data); loads nothing."""
     sections = config.sections
     if config.ablation.path == "language":
-        from ..data.commonsense import BUILTIN_DATA
+        from ..config.experiment import check_experiment_inputs
         from ..data.prompts import resolve_tasks
         from ..evaluation.commonsense import task_test_file
 
-        train = sections["data"]["train_file"]
-        if train != BUILTIN_DATA and Path(train).suffix in (".json", ".jsonl") and not Path(train).is_file():
-            raise FileNotFoundError(f"data.train_file {train} does not exist")
+        check_experiment_inputs(sections["model"], sections["data"], config.source)
         for task in resolve_tasks(sections["evaluation"]["tasks"]):
             task_test_file(sections["evaluation"]["data_root"], task)
         return
-    for task in config.ablation.tasks or []:
-        for split in ("train800val200", "test"):  # the splits lily-ssm vtab trains and tests on
-            path = Path(sections["data"]["root"]) / task / f"{split}.txt"
-            if not path.is_file():
-                raise FileNotFoundError(f"{path} is missing: data.root must hold the VTAB-1K task folders")
+    from ..config.vtab import check_vtab_inputs
+
+    check_vtab_inputs(sections["model"], sections["data"]["root"], config.ablation.tasks or [], config.source)
 
 
 def _check_reuse(folder: Path, spec: dict[str, Any], source: str) -> None:
@@ -221,11 +217,19 @@ def _run_language(arm: Arm, sections: dict[str, Any], folder: Path, log: Any,
     from ..evaluation.commonsense import evaluate_commonsense
     from ..train.trainer import run_training, training_seconds
 
-    training = {**sections["training"], "output_dir": str(folder / "adapter"), "resume": True}
+    training = {**sections["training"], "output_dir": str(folder / "adapter"), "resume": "auto"}
     if quiet:
         training["progress_bar"] = False
     raw = {"model": sections["model"], "adapter": arm.adapter, "data": sections["data"], "training": training}
     trained = run_training(parse_config(raw, source=f"arm {arm.name}"), log=log)
+    if trained["model"] is None:  # trained earlier (its evaluation is what runs again): load what it wrote
+        from ..models.loading import load_model_and_tokenizer
+        from ..persistence import load_adapter
+
+        model = sections["model"]
+        trained["model"], trained["tokenizer"] = load_model_and_tokenizer(
+            model["name_or_path"], model["dtype"], model["device_map"], model["tokenizer"], model["trust_remote_code"])
+        load_adapter(trained["model"], trained["adapter"])
     ev = sections["evaluation"]
     results = evaluate_commonsense(trained["model"], trained["tokenizer"], ev["data_root"], ev["tasks"],
                                    ev["batch_size"], ev["num_beams"], ev["max_new_tokens"], ev["limit"],

@@ -24,7 +24,7 @@ from ..utils.atomic import write_atomic
 from .adapters import adapter_ranks, b_usage, read_saved_adapter
 from .figures import plot_effective_ranks, plot_router_weights, plot_structure
 from .rank import DEFAULT_RTOL, threshold_text
-from .recording import DATA_HELP, record_mixes
+from .recording import DATA_HELP, check_recording_inputs, record_mixes
 
 
 def _names(folders: list[Path]) -> list[str]:
@@ -69,6 +69,8 @@ def inspect_adapters(adapter_dirs: list[str | Path], out_dir: str | Path, data: 
         raise FileNotFoundError(f"--data {data} does not exist; give {DATA_HELP}")
     labels = _names([Path(g) if Path(g).exists() else Path(g.replace("/", "--")) for g in given])
     adapters = [read_saved_adapter(folder, name) for folder, name in zip(folders, labels)]
+    if data is not None:  # every adapter's inputs, before the first model loads
+        check_recording_inputs(adapters, str(data), model)
     out = Path(out_dir)
     prefix = len(adapters) > 1
     summary: dict[str, Any] = {"rtol": rtol, "threshold": threshold_text(rtol), "data": data, "limit": limit,

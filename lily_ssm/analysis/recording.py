@@ -43,12 +43,8 @@ def commonsense_prompts(data: str, limit: int, protocol: str = "paper") -> list[
     return [evaluation_prompt(row["instruction"], row.get("input"), protocol) for row in rows]
 
 
-def _language_model(adapter: SavedAdapter, model: str | None, dtype: str | None) -> tuple[Any, Any, int]:
-    """The adapted language model: ``model`` if given, else the run's own base model, dtype and tokenizer;
-    and the run's ``data.cutoff_len`` (256 without a record)."""
-    from ..models.loading import load_model_and_tokenizer
-    from ..persistence import load_adapter
-
+def _language_base(adapter: SavedAdapter, model: str | None) -> str:
+    """The base model a language adapter is run on: ``model`` if given, else its run's own."""
     record = adapter.record if adapter.record is not None and adapter.record.kind == "language" else None
     if model is None and (record is None or record.base_model is None):
         hint = ""
@@ -58,6 +54,41 @@ def _language_model(adapter: SavedAdapter, model: str | None, dtype: str | None)
         raise ValueError(f"no base model for {adapter.folder}: pass --model (a hub id, local folder or "
                          f"builtin:tiny-falcon-mamba), or keep the {EXPERIMENT_NAME} that `lily-ssm train` writes in "
                          f"the adapter folder.{hint}")
+    return model if model is not None else record.base_model
+
+
+def _vtab_test_list(adapter: SavedAdapter, data: str) -> Path:
+    task = adapter.record.task
+    path = Path(data) / task / "test.txt"
+    if not path.is_file():
+        raise FileNotFoundError(f"--data {data} has no {task}/test.txt; for the VTAB task folder "
+                                f"{adapter.folder} give the VTAB-1K root (with <task>/test.txt)")
+    return path
+
+
+def check_recording_inputs(adapters: list[SavedAdapter], data: str, model: str | None) -> None:
+    """Raise at once if recording the router weights of ``adapters`` on ``data`` would fail for a missing
+    input (the data, a VTAB task's test list, a local base model): nothing is loaded."""
+    from ..models.loading import check_model_source
+
+    for adapter in adapters:
+        if adapter.method != "lily" or not adapter.has_routers:
+            continue
+        if adapter.record is not None and adapter.record.kind == "vtab":
+            _vtab_test_list(adapter, data)
+        else:
+            commonsense_prompts(data, 1)
+            check_model_source(_language_base(adapter, model))
+
+
+def _language_model(adapter: SavedAdapter, model: str | None, dtype: str | None) -> tuple[Any, Any, int]:
+    """The adapted language model: ``model`` if given, else the run's own base model, dtype and tokenizer;
+    and the run's ``data.cutoff_len`` (256 without a record)."""
+    from ..models.loading import load_model_and_tokenizer
+    from ..persistence import load_adapter
+
+    record = adapter.record if adapter.record is not None and adapter.record.kind == "language" else None
+    _language_base(adapter, model)
     if model is None:  # the run's own model, dtype and tokenizer
         section = record.section("model")
         lm, tokenizer = load_model_and_tokenizer(record.base_model, dtype or section.get("dtype", "auto"),
@@ -106,9 +137,7 @@ def record_mixes(adapter: SavedAdapter, data: str, model: str | None = None, lim
         from ..data.vtab import VTabDataset
 
         task = adapter.record.task
-        if not (Path(data) / task / "test.txt").is_file():
-            raise FileNotFoundError(f"--data {data} has no {task}/test.txt; for the VTAB task folder "
-                                    f"{adapter.folder} give the VTAB-1K root (with <task>/test.txt)")
+        _vtab_test_list(adapter, data)
         if model is not None:
             log(f"  {adapter.name}: --model is not used for a VTAB task folder; its backbone is rebuilt from "
                 f"{RESULT_NAME}")

@@ -7,7 +7,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..data.commonsense import check_train_source
 from ..data.prompts import PROTOCOLS
+from ..models.loading import check_model_source, parse_dtype
 from ..tuners import AdapterConfig, config_from_dict
 from ..utils.sections import Bound, ConfigError, parse_sections, read_yaml, setting
 from .record import ExperimentRecord
@@ -57,8 +59,9 @@ class TrainingSection:
     bf16: bool = setting(False, help="bf16 mixed precision")
     fp16: bool = setting(False, help="fp16 mixed precision with loss scaling")
     gradient_checkpointing: bool = setting(False, help="recompute the layers in backward to save memory")
-    resume: bool | str = setting(False, help="true: continue this run from its last complete checkpoint; or a "
-                                             "checkpoint folder")
+    resume: bool | str = setting("auto", help="auto: continue this run from its last complete checkpoint (a "
+                                              "finished run is reported, another run's folder refused); false: "
+                                              "start over in an empty folder only; or a checkpoint folder")
     overwrite: bool = setting(False, help="start over, replacing the checkpoints and adapter in output_dir")
     progress_bar: bool = setting(True, help="show a progress bar")
     report_to: str | list[str] = setting("none", help="experiment trackers: none, all, or names such as tensorboard "
@@ -78,6 +81,11 @@ class ExperimentConfig:
             return config_from_dict(self.adapter)
         except ValueError as exc:
             raise ConfigError(f"{self.source}: adapter: {exc}") from exc
+
+    def check_inputs(self) -> None:
+        """Raise :class:`ConfigError` naming the key if an input cannot be used (see
+        :func:`check_experiment_inputs`); run it before anything heavy."""
+        check_experiment_inputs(asdict(self.model), asdict(self.data), self.source)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -112,6 +120,23 @@ def parse_config(raw: Any, source: str = "<dict>") -> ExperimentConfig:
         raise ConfigError(f"{source}: adapter.routing={adapter_config.routing!r} with "
                           f"data.train_on_inputs={config.data.train_on_inputs}: {problem}")
     return config
+
+
+def check_experiment_inputs(model: dict[str, Any], data: dict[str, Any], source: str) -> None:
+    """Raise :class:`ConfigError` naming the key if an input of a ``model`` / ``data`` section cannot be used: a
+    local model, tokenizer or data file that does not exist, an unknown ``builtin:`` name, a bad dtype. Loads
+    and writes nothing, so it runs before anything heavy; Hub ids pass (they are checked when fetched)."""
+    checks = [("model.name_or_path", model.get("name_or_path"), check_model_source),
+              ("model.tokenizer", model.get("tokenizer"), check_model_source),
+              ("model.dtype", model.get("dtype"), parse_dtype),
+              ("data.train_file", data.get("train_file"), check_train_source)]
+    for key, value, check in checks:
+        if value is None:
+            continue
+        try:
+            check(value)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"{source}: {key}: {exc}") from exc
 
 
 def check_report_to(value: Any, where: str) -> str | list[str]:

@@ -11,6 +11,7 @@ from torch import nn
 
 from ..data.vtab import NUM_CLASSES, TASKS
 from ..models.backbones import BACKBONES, build_backbone, image_settings
+from ..models.loading import check_model_source
 from ..models.vit import ImageSettings
 from ..tuners import AdapterConfig, apply_adapter, config_from_dict
 from ..utils.sections import Bound, ConfigError, parse_sections, read_yaml, setting
@@ -99,14 +100,17 @@ class VtabTrainingSection:
     warmup_epochs: int = setting(10, help="linear warm-up epochs, then cosine decay", bound=Bound(0))
     eval_every: int = setting(10, help="epochs between test accuracies (and after the last)", bound=Bound(1))
     seed: int = setting(42, help="seed of the head, the adapter and the data order", bound=Bound(0))
-    overwrite: bool = setting(False, help="start over, replacing a task's checkpoints of other settings")
+    resume: bool | str = setting("auto", help="auto: continue each task from its last complete checkpoint (a "
+                                              "finished task is reported, another run's folder refused); false: "
+                                              "start over in an empty task folder only")
+    overwrite: bool = setting(False, help="start over, replacing a task's checkpoints, adapter and result")
 
 
 SECTIONS = {"model": VtabModelSection, "data": VtabDataSection, "training": VtabTrainingSection}
 # Keys of the adapter section beyond the method's own fields, with their meaning (``lily-ssm config vtab``).
 ADAPTER_EXTRAS = {"per_task": "per VTAB task, adapter settings merged over the section's (overrides merged per "
                               "target), e.g. {cifar: {num_B: 6}}"}
-NOT_FINGERPRINTED = frozenset({"training.output_dir", "training.overwrite", "training.eval_every"})
+NOT_FINGERPRINTED = frozenset({"training.output_dir", "training.resume", "training.overwrite", "training.eval_every"})
 EXTENDABLE = ("training.epochs",)  # a resumed task may train longer (with a warning)
 
 
@@ -144,11 +148,40 @@ class VtabExperiment:
         """The backbone (from a checkpoint when given) with a fresh head for ``task`` and the adapter."""
         return apply_adapter(self.model.backbone(task), self.adapter_config(task))
 
+    def check_inputs(self, tasks: list[str]) -> None:
+        """Raise :class:`ConfigError` if an input of ``tasks`` is missing (:func:`check_vtab_inputs`); run it
+        before anything heavy."""
+        check_vtab_inputs(asdict(self.model), self.data.root, tasks, self.source)
+
     def record(self, task: str) -> ExperimentRecord:
         """What ``task``'s result depends on (its fingerprint and ``result.json``'s config)."""
         return ExperimentRecord("vtab", {"model": self.model.record(), "adapter": self.task_adapter(task),
                                          "data": {"batch_size": self.data.batch_size},
                                          "training": asdict(self.training)})
+
+
+def check_vtab_inputs(model: dict[str, Any], root: str, tasks: list[str], source: str) -> None:
+    """Raise :class:`ConfigError` naming the key if the ``model`` section's checkpoint (a Vim ``.pth`` file; for
+    ViT a local folder, unless it is a Hub id) or a task's split lists under ``root`` are missing. Reads
+    nothing but the file system."""
+    checkpoint = model.get("checkpoint")
+    if checkpoint and model.get("kind", "vim") == "vim" and not Path(checkpoint).expanduser().is_file():
+        raise ConfigError(f"{source}: model.checkpoint={checkpoint!r} is not a file; give a Vim .pth checkpoint, or "
+                          "leave it unset to train from scratch")
+    if checkpoint and model.get("kind") == "vit":
+        try:
+            check_model_source(checkpoint)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"{source}: model.checkpoint: {exc}") from exc
+    if not Path(root).expanduser().is_dir():
+        raise ConfigError(f"{source}: data.root={root!r} is not a folder; give the VTAB-1K root that holds "
+                          "<task>/train800val200.txt, <task>/test.txt and their images")
+    for task in tasks:
+        for split in ("train800val200", "test"):  # the splits lily-ssm vtab trains and tests on
+            path = Path(root).expanduser() / task / f"{split}.txt"
+            if not path.is_file():
+                raise ConfigError(f"{source}: data.root: {path} is missing; data.root must hold the VTAB-1K task "
+                                  "folders (<task>/train800val200.txt, <task>/test.txt and their images)")
 
 
 def load_vtab_config(path: str | Path, overrides: list[str] | None = None) -> VtabExperiment:

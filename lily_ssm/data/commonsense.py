@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..utils.paths import cache_dir
+from ..utils.paths import cache_dir, looks_like_local_path
 from .prompts import training_prompt
 
 TRAIN_FIELDS = ("instruction", "output")
@@ -95,6 +95,23 @@ def read_rows(path: str | Path, required: tuple[str, ...] = TRAIN_FIELDS) -> lis
         except json.JSONDecodeError as exc:
             raise DataError(f"{path}: not valid JSON ({exc})") from exc
     return validate_rows(rows, str(path), required)
+
+
+def check_train_source(source: str) -> None:
+    """Raise at once, reading nothing, if ``source`` cannot be training data: an unknown ``builtin:`` name,
+    or a ``.json`` / ``.jsonl`` file (or any name that can only be a local path) that is missing or a folder.
+    A dataset id passes: it is checked when it is loaded."""
+    if source.startswith("builtin:"):
+        if source != BUILTIN_DATA:
+            raise ValueError(f"unknown built-in data set {source!r}; built-in data: {BUILTIN_DATA}")
+        return
+    path = Path(source).expanduser()
+    if path.suffix in (".json", ".jsonl") or looks_like_local_path(source) or path.exists():
+        if path.is_dir():
+            raise IsADirectoryError(f"data file {source} is a folder; give a .json list or a .jsonl file")
+        if not path.is_file():
+            raise FileNotFoundError(f"data file {source} does not exist; give a .json list or a .jsonl file, or "
+                                    f"{BUILTIN_DATA}")
 
 
 def load_train_dataset(source: str, val_set_size: int = 0, seed: int = 42):

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..utils.hub_access import HubError, require_hub_repo
-from ..utils.paths import cache_dir
+from ..utils.paths import cache_dir, looks_like_local_path
 from .mamba_ssm_checkpoint import (
     adopt_tokenizer,
     load_mamba_ssm_model,
@@ -33,15 +32,6 @@ def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | str | None:
     return _DTYPES[name]
 
 
-def looks_like_local_path(name: str) -> bool:
-    """Whether ``name`` can only mean a folder on this machine, not a hub id (``org/name`` or ``name``):
-    absolute, ``~``, ``./`` or ``../``, ending in a separator, or with more than one ``/`` (``runs/x/y``)."""
-    seps = {"/", os.sep, *([os.altsep] if os.altsep else [])}
-    return (os.path.isabs(name) or name.startswith("~") or name in (".", "..")
-            or any(name.startswith(f"{dots}{sep}") for dots in (".", "..") for sep in seps)
-            or name[-1:] in seps or name.count("/") > 1 or (os.sep != "/" and os.sep in name))
-
-
 def check_model_source(name_or_path: str, what: str = "model") -> None:
     """Refuse, before anything loads, a model (or ``what``: ``tokenizer``, ...) that cannot be had: a local path
     that is missing or a file, an unknown built-in name, or a Hub id that is neither cached nor downloadable now
@@ -55,7 +45,9 @@ def check_model_source(name_or_path: str, what: str = "model") -> None:
     path = Path(name_or_path).expanduser()
     if looks_like_local_path(name_or_path) or path.exists():
         if not path.exists():
-            raise FileNotFoundError(f"{what} folder {name_or_path} does not exist")
+            builtin = f" or {BUILTIN_PREFIX}{BUILTIN_MODELS[0]}" if what == "model" else ""
+            raise FileNotFoundError(f"{what} folder {name_or_path} does not exist; give a local {what} folder, a Hub "
+                                    f"id (org/name){builtin}")
         if not path.is_dir():
             raise NotADirectoryError(f"{what} path {name_or_path} is a file; give the folder that holds "
                                      "config.json and the weights")

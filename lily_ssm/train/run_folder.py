@@ -2,9 +2,10 @@
 ablation arm: whose run it is, which of its checkpoints are complete, one process at a time, and where to resume.
 
 ``run.json`` records the fingerprint of the settings that change the result (from the run's
-:class:`~lily_ssm.config.record.ExperimentRecord`). A rerun continues only a folder whose fingerprint
-matches (a mismatch names the differing keys); a fresh run refuses a folder that holds another run's
-checkpoints or adapter unless ``overwrite`` is set.
+:class:`~lily_ssm.config.record.ExperimentRecord`), and once the run has written its results, that it is
+finished. By default (``resume: auto``) a rerun continues a folder whose fingerprint matches from its newest
+complete checkpoint, reports a finished run instead of training it again, and refuses another run's folder
+naming the differing keys; ``resume: false`` refuses any folder that holds results, ``overwrite`` clears it.
 
 A checkpoint counts only when it is complete: the marker ``checkpoint_complete.json``, written last, lists
 every file of ``checkpoint-N/`` with its size and SHA-256. Resume takes the newest complete checkpoint,
@@ -30,6 +31,7 @@ RUN_RECORD = "run.json"
 CHECKPOINT_MARKER = "checkpoint_complete.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"  # a run's final adapter: its presence marks a used folder
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+AUTO = "auto"  # the default of ``resume``: continue this run if its folder holds one, else start
 
 
 def _file_digest(path: Path) -> dict[str, Any]:
@@ -138,34 +140,60 @@ class RunFolder:
         """Whether the folder holds anything a run produced: checkpoints or a final adapter."""
         return bool(self.checkpoints()) or (self.path / ADAPTER_WEIGHTS).is_file()
 
-    def _recorded(self, path: Path) -> dict[str, Any] | None:
+    def _read_run(self, path: Path) -> dict[str, Any] | None:
         if not path.is_file():
             return None
         try:
-            return json.loads(path.read_text())["fingerprint"]
+            run = json.loads(path.read_text())
+            if not isinstance(run, dict) or not isinstance(run["fingerprint"], dict):
+                raise TypeError("no fingerprint")
+            return run
         except (ValueError, KeyError, TypeError) as exc:
             raise ConfigError(f"{path} is unreadable ({exc}); set training.overwrite: true to start over") from exc
+
+    def _recorded(self, path: Path) -> dict[str, Any] | None:
+        run = self._read_run(path)
+        return run["fingerprint"] if run is not None else None
+
+    def finished(self, resume: bool | str | None, overwrite: bool) -> dict[str, Any] | None:
+        """What :meth:`finish` recorded, if this very run (every setting, ``extendable`` ones too) has finished
+        here and is to be continued rather than started over; else ``None``. Reads only: nothing is created."""
+        if overwrite or not _continues(resume):
+            return None
+        run = self._read_run(self.path / RUN_RECORD)
+        if run is None or not isinstance(run.get("finished"), dict) or differences_between(run["fingerprint"],
+                                                                                         self.fingerprint):
+            return None
+        return run["finished"]
+
+    def finish(self, **summary: Any) -> None:
+        """Record that the run has written its results (``summary``: e.g. its last step); a rerun reports it
+        as finished. Call it last."""
+        if self.writer:
+            write_atomic(self.path / RUN_RECORD, json.dumps({"fingerprint": self.fingerprint, "finished": summary},
+                                                            indent=1, sort_keys=True) + "\n")
 
     def prepare(self, resume: bool | str | None, overwrite: bool) -> Path | None:
         """Check the folder against this run and return the checkpoint to resume from (or None).
 
-        ``resume``: true continues this run from its newest complete checkpoint; a path resumes from that
-        checkpoint; false refuses a folder that holds results. ``overwrite`` clears the folder instead."""
+        ``resume``: ``auto`` (or true) continues this run from its newest complete checkpoint, and refuses a
+        folder of another run; a path resumes from that checkpoint; false refuses a folder that holds results.
+        ``overwrite`` clears the folder instead."""
         record_path = self.path / RUN_RECORD
         recorded = self._recorded(record_path)
         used = self.holds_results()
 
-        if resume is not False and resume is not None and not overwrite:
-            if isinstance(resume, str):  # an explicit checkpoint folder
-                checkpoint = Path(resume)
-                problem = checkpoint_problem(checkpoint) if checkpoint.is_dir() else "it is not a checkpoint folder"
-                if problem:
-                    raise ConfigError(f"{self.source}: training.resume={resume!r}: {problem}")
-                beside = self._recorded(checkpoint.parent / RUN_RECORD)
-                if beside is not None:
-                    self._refuse_other_run(beside, checkpoint.parent / RUN_RECORD)
-                self._record(record_path)
-                return checkpoint
+        if resume not in (False, None, AUTO, True) and not overwrite:  # an explicit checkpoint folder
+            checkpoint = Path(str(resume))
+            problem = checkpoint_problem(checkpoint) if checkpoint.is_dir() else "it is not a checkpoint folder"
+            if problem:
+                raise ConfigError(f"{self.source}: training.resume={resume!r}: {problem}")
+            beside = self._recorded(checkpoint.parent / RUN_RECORD)
+            if beside is not None:
+                self._refuse_other_run(beside, checkpoint.parent / RUN_RECORD)
+            self._record(record_path)
+            return checkpoint
+        if _continues(resume) and not overwrite:
             if used and recorded is None:
                 raise ConfigError(f"{self.source}: {self.path} holds checkpoints or an adapter but no {RUN_RECORD}, so "
                                   "the settings they were trained with are unknown; set training.overwrite: true to "
@@ -184,10 +212,11 @@ class RunFolder:
                 return checkpoint
         elif used and not overwrite:
             same = recorded is not None and not differences_between(recorded, self.fingerprint, self.extendable)
-            raise ConfigError(f"{self.source}: training.output_dir {self.path} already holds the checkpoints or "
-                              f"adapter of {'an earlier run with these settings' if same else 'another run'}; set "
-                              f"training.resume: true to continue it{' (same settings only)' if not same else ''}, or "
-                              "training.overwrite: true to replace it")
+            raise ConfigError(f"{self.source}: training.resume: false, but training.output_dir {self.path} already "
+                              f"holds the checkpoints or adapter of "
+                              + ("an earlier run with these settings; remove training.resume: false to continue it, "
+                                 "or set " if same else "another run; use another training.output_dir, or set ")
+                              + "training.overwrite: true to replace it")
         if self.writer and overwrite and self.path.is_dir():
             for _, folder in self.checkpoints():
                 shutil.rmtree(folder)
@@ -206,3 +235,9 @@ class RunFolder:
     def _record(self, path: Path) -> None:
         if self.writer:
             write_atomic(path, json.dumps({"fingerprint": self.fingerprint}, indent=1, sort_keys=True) + "\n")
+
+
+def _continues(resume: bool | str | None) -> bool:
+    """Whether ``resume`` continues this run's own folder (``auto`` or true), rather than starting over
+    (false) or naming a checkpoint folder."""
+    return resume is True or resume == AUTO

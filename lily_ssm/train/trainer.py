@@ -125,11 +125,17 @@ class _AlreadyTrained(Exception):
     """Raised at the start of a resumed run whose checkpoint already holds every step."""
 
 
-class _StopWhenAlreadyTrained(TrainerCallback):
-    """transformers (5.x) takes one optimizer step before it checks ``max_steps``, so resuming from the
-    final checkpoint would train one step too many; stop such a run before its first step."""
+class _ReportResume(TrainerCallback):
+    """Say where a resumed run continues, once its checkpoint's state is loaded; and as transformers (5.x)
+    takes one optimizer step before it checks ``max_steps``, stop a run whose checkpoint holds every step
+    before that step (resuming from the final checkpoint would train one step too many)."""
+
+    def __init__(self, checkpoint: str | None, log: Callable[[str], Any]) -> None:
+        self.checkpoint, self.log = checkpoint, log
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.checkpoint is not None:
+            self.log(f"resuming from {Path(self.checkpoint).name} (step {state.global_step} of {state.max_steps})")
         if state.max_steps > 0 and state.global_step >= state.max_steps:
             raise _AlreadyTrained
 
@@ -249,8 +255,11 @@ def run_training(config: ExperimentConfig, log: Any = print) -> dict[str, Any]:
     """Load the base model, inject the adapter, fine-tune, and save the final adapter to
     ``training.output_dir``. Returns the trainer's metrics and where things were written.
 
-    The folder is locked for the run's whole life and checked against it first (see
-    :meth:`~lily_ssm.train.run_folder.RunFolder.prepare`); under ``torchrun`` only rank 0 writes."""
+    Every input is checked first (:meth:`ExperimentConfig.check_inputs`), then the folder: by default
+    (``training.resume: auto``) a rerun of the same run continues from its newest complete checkpoint, and a
+    finished one returns at once (``finished_earlier``: true, ``model`` None) with nothing loaded (see
+    :meth:`~lily_ssm.train.run_folder.RunFolder.prepare`). The folder is locked for the run's whole life;
+    under ``torchrun`` only rank 0 writes."""
     adapter_config = config.adapter_config()
     for name, what in ((config.model.name_or_path, "model"), (config.model.tokenizer, "tokenizer")):
         if name:  # a Hub id offline fails now, in seconds, before the run folder is touched
@@ -263,6 +272,15 @@ def run_training(config: ExperimentConfig, log: Any = print) -> dict[str, Any]:
     record = config.record()
     run = RunFolder(out, record.fingerprint(NOT_FINGERPRINTED), source=config.source, extendable=EXTENDABLE,
                     outputs=("adapter_config.json", LOG_NAME), log=log)
+    config.check_inputs()  # nothing below may fail on a missing input after the folder or the model is touched
+    finished = _on_rank_zero(args, lambda: run.finished(training.resume, training.overwrite))
+    if finished is not None:
+        step = finished.get("step")
+        log(f"{out} holds this run, already finished ({step} steps): adapter {out}/, log {out / LOG_NAME}; "
+            "set training.overwrite: true to train it again")
+        return {"metrics": {}, "adapter": str(out), "log": str(out / LOG_NAME), "main_process": main,
+                "global_step": step, "model": None, "tokenizer": None, "finished_earlier": True}
+    splits = load_train_dataset(data.train_file, data.val_set_size, training.seed)  # bad rows fail here, too
     with contextlib.ExitStack() as stack:
         def prepare() -> str | None:
             stack.enter_context(run.lock())
@@ -278,7 +296,6 @@ def run_training(config: ExperimentConfig, log: Any = print) -> dict[str, Any]:
         apply_adapter(model, adapter_config)
         log(str(parameter_report(model)))
 
-        splits = load_train_dataset(data.train_file, data.val_set_size, training.seed)
         columns = splits["train"].column_names
         splits = splits.map(lambda row: tokenize_row(row, tokenizer, data.cutoff_len, data.train_on_inputs,
                                                      data.add_eos, data.protocol), remove_columns=columns)
@@ -299,12 +316,13 @@ def run_training(config: ExperimentConfig, log: Any = print) -> dict[str, Any]:
                 log(f"warning: accelerate was asked for {engine} (ACCELERATE_USE_{engine}), but the Trainer runs "
                     "plain data parallelism (DDP): every process holds the whole model")
         trainer._write_log({"run_start": True, "resume_from": checkpoint})  # where this run's records begin
-        trainer.add_callback(_StopWhenAlreadyTrained())
+        trainer.add_callback(_ReportResume(checkpoint, log))
         try:
             metrics = trainer.train(resume_from_checkpoint=checkpoint).metrics
         except _AlreadyTrained:
-            log(f"{checkpoint} already holds all {trainer.state.max_steps} steps; nothing left to train")
-            metrics = {"train_runtime": 0.0}
+            metrics = {"train_runtime": 0.0}  # the resume line said step M of M: nothing left to train
         trainer.save_model(str(out))
+        if main:
+            run.finish(step=trainer.state.global_step)
     return {"metrics": metrics, "adapter": str(out), "log": str(out / LOG_NAME), "main_process": main,
             "global_step": trainer.state.global_step, "model": model, "tokenizer": tokenizer}

@@ -51,30 +51,38 @@ def _lr_lambda(warmup: int, total: int):
 
 
 def run_vtab_task(experiment: VtabExperiment, task: str, log: Any = print) -> dict[str, Any]:
-    """Train and test one task; resumes from ``<output_dir>/<task>/`` if a checkpoint of this run is there."""
+    """Train and test one task in ``<output_dir>/<task>/``: by default (``training.resume: auto``) a checkpoint of
+    this run there is resumed and a finished run's result is returned as it is (see
+    :meth:`~lily_ssm.train.run_folder.RunFolder.prepare`)."""
     if task not in NUM_CLASSES:
         raise ValueError(f"unknown VTAB task {task!r}; tasks: {', '.join(TASKS)}")
     data, training = experiment.data, experiment.training
-    torch.manual_seed(training.seed)
-    model = experiment.build_model(task)
-    images = experiment.model.image_settings(model)
-    log(f"{task}: {images.size} px images, mean {images.mean}, std {images.std} ({images.source})")
-    train = VTabDataset(data.root, task, "train800val200", image_size=images.size, mean=images.mean, std=images.std)
-    test = VTabDataset(data.root, task, "test", image_size=images.size, mean=images.mean, std=images.std)
-    generator = torch.Generator().manual_seed(training.seed)
-    train_loader = DataLoader(train, batch_size=data.batch_size, shuffle=True, num_workers=data.num_workers,
-                              generator=generator)
-    test_loader = DataLoader(test, batch_size=data.batch_size, num_workers=data.num_workers)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=training.learning_rate, weight_decay=training.weight_decay)
-    steps_per_epoch = len(train_loader)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, _lr_lambda(training.warmup_epochs * steps_per_epoch, training.epochs * steps_per_epoch))
+    experiment.check_inputs([task])  # a missing input fails before the folder or the model is touched
     run = RunFolder(Path(training.output_dir) / task, experiment.record(task).fingerprint(NOT_FINGERPRINTED),
                     source=experiment.source, what="VTAB run", extendable=EXTENDABLE, outputs=("adapter_config.json",
                                                                                               RESULT_NAME), log=log)
+    finished = run.finished(training.resume, training.overwrite)
+    if finished is not None and (run.path / RESULT_NAME).is_file():
+        log(f"{task}: already finished ({finished.get('epochs')} epochs): result {run.path / RESULT_NAME}, adapter "
+            f"{run.path}/; set training.overwrite: true to train it again")
+        return json.loads((run.path / RESULT_NAME).read_text())
     with run.lock():
-        checkpoint = run.prepare(resume=True, overwrite=training.overwrite)
+        checkpoint = run.prepare(training.resume, training.overwrite)  # a refused folder costs no model build
+        torch.manual_seed(training.seed)
+        model = experiment.build_model(task)
+        images = experiment.model.image_settings(model)
+        log(f"{task}: {images.size} px images, mean {images.mean}, std {images.std} ({images.source})")
+        train = VTabDataset(data.root, task, "train800val200", image_size=images.size, mean=images.mean, std=images.std)
+        test = VTabDataset(data.root, task, "test", image_size=images.size, mean=images.mean, std=images.std)
+        generator = torch.Generator().manual_seed(training.seed)
+        train_loader = DataLoader(train, batch_size=data.batch_size, shuffle=True, num_workers=data.num_workers,
+                                  generator=generator)
+        test_loader = DataLoader(test, batch_size=data.batch_size, num_workers=data.num_workers)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=training.learning_rate, weight_decay=training.weight_decay)
+        steps_per_epoch = len(train_loader)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, _lr_lambda(training.warmup_epochs * steps_per_epoch, training.epochs * steps_per_epoch))
         return _train_task(experiment, task, run, checkpoint, model, optimizer, scheduler, train_loader, test_loader,
                            generator, log)
 
@@ -90,7 +98,7 @@ def _train_task(experiment: VtabExperiment, task: str, run: RunFolder, checkpoin
         load_adapter(model, checkpoint)
         optimizer.load_state_dict(load_tensors_file(checkpoint / OPTIMIZER_NAME, "optimizer state"))
         scheduler.last_epoch = state["epoch"] * steps_per_epoch
-        log(f"{task}: resuming after epoch {state['epoch']} ({checkpoint})")
+        log(f"{task}: resuming from {checkpoint.name} (epoch {state['epoch']} of {training.epochs})")
     report = parameter_report(model)
     log(f"{task}: {NUM_CLASSES[task]} classes, {len(train_loader.dataset)} train / {len(test_loader.dataset)} test "
         f"images, {report.adapter_total:,} adapter + {report.other_trainable:,} head parameters")
@@ -136,4 +144,5 @@ def _train_task(experiment: VtabExperiment, task: str, run: RunFolder, checkpoin
               "adapter_parameters": report.adapter_total, "head_parameters": report.other_trainable,
               "history": state["history"], "config": experiment.record(task).settings}
     write_atomic(run.path / RESULT_NAME, json.dumps(result, indent=1) + "\n")
+    run.finish(epochs=state["epoch"])
     return result
