@@ -190,7 +190,7 @@ def test_config_errors_name_the_key(assets, tmp_path):
     raw = language_config(assets, tmp_path)
     with pytest.raises(ConfigError, match="unknown preset.*nope; presets for language: in, dt"):
         parse_ablation({**raw, "ablation": {**raw["ablation"], "target_sets": ["in", "nope"]}}).target_sets()
-    with pytest.raises(ConfigError, match="training.output_dir is set per arm"):
+    with pytest.raises(ConfigError, match="training.output_dir is not an ablation setting: each arm.s folder is set under ablation.output_dir"):
         parse_ablation({**raw, "training": {**raw["training"], "output_dir": "x"}})
     with pytest.raises(ConfigError, match=r"ablation.lily=.*r are set per arm"):
         parse_ablation({**raw, "ablation": {**raw["ablation"], "lily": {"r": 4}}})

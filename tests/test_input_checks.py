@@ -48,7 +48,7 @@ def language_files(tmp_path: Path) -> dict[str, str]:
     ("data.train_file", "builtin:nope", "data.train_file: unknown built-in data set 'builtin:nope'"),
     ("model.name_or_path", "./no-model", "model.name_or_path: model folder ./no-model does not exist"),
     ("model.name_or_path", "builtin:nope", "model.name_or_path: unknown built-in model 'builtin:nope'"),
-    ("model.tokenizer", "{tmp}/no-tokenizer", "model.tokenizer: model folder {tmp}/no-tokenizer does not exist"),
+    ("model.tokenizer", "{tmp}/no-tokenizer", "model.tokenizer: tokenizer folder {tmp}/no-tokenizer does not exist"),
     ("model.dtype", "float8", "model.dtype: dtype='float8'; choose one of auto"),
 ])
 def test_train_checks_its_inputs_first(tmp_path, capsys, nothing_loads, key, value, needle):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from lily_ssm.ablation.config import AblationSection, load_ablation, section_classes
+from lily_ssm.ablation.config import PER_ARM, AblationSection, load_ablation, section_classes
 from lily_ssm.cli import main as cli
 from lily_ssm.config import experiment, vtab
 from lily_ssm.config.experiment import load_config
@@ -58,7 +58,7 @@ ACCEPTED = {
               "lora": keys(experiment.SECTIONS) | adapter_keys("lora")},
     "vtab": {"lily": keys(vtab.SECTIONS) | adapter_keys("lily", ("per_task",)),
              "lora": keys(vtab.SECTIONS) | adapter_keys("lora", ("per_task",))},
-    "ablate": {path: keys({"ablation": AblationSection, **section_classes(path)}, frozenset({"training.output_dir"}))
+    "ablate": {path: keys({"ablation": AblationSection, **section_classes(path)}, frozenset(PER_ARM))
                for path in ("language", "vim")},
 }
 BASES = {"train": {"lily": CONFIGS / "tiny" / "lily_in.yaml", "lora": CONFIGS / "tiny" / "lora_dt_in.yaml"},

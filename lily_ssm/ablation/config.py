@@ -201,13 +201,19 @@ def section_classes(path: str) -> dict[str, type]:
     return dict(vtab.SECTIONS)
 
 
+# Training keys the runner sets per arm, which an ablation file may not: why, for the error.
+PER_ARM = {"training.output_dir": "each arm's folder is set under ablation.output_dir",
+           "training.resume": "each arm continues its own run, and a finished arm is skipped (delete "
+                              "<ablation.output_dir>/<arm>/ to run it again)"}
+
+
 def reference_groups() -> list[Group]:
     """``lily-ssm ablate``'s keys: the ablation section, then each path's experiment sections (no adapter
-    section, and no training.output_dir: the budget matcher and the runner set those per arm)."""
+    section, and no training.output_dir or training.resume: the budget matcher and the runner set those per arm)."""
     groups = experiment_groups({"ablation": AblationSection})
     for path in PATHS:
         groups += [(f"{heading} (ablation.path: {path})", rows) for heading, rows in
-                   experiment_groups(section_classes(path), skip={"training.output_dir"})]
+                   experiment_groups(section_classes(path), skip=set(PER_ARM))]
     return groups
 
 
@@ -231,12 +237,9 @@ def parse_ablation(raw: Any, source: str = "<dict>") -> AblationConfig:
 
     classes = section_classes(ablation.path)
     training = dict(raw.get("training") or {})
-    if "output_dir" in training:
-        raise ConfigError(f"{source}: training.output_dir is set per arm under ablation.output_dir; remove it")
-    if "resume" in training:
-        raise ConfigError(f"{source}: training.resume is not an ablation setting: each arm continues its own run, "
-                          "and a finished arm is skipped (delete <ablation.output_dir>/<arm>/ to run it again); "
-                          "remove it")
+    for key, why in PER_ARM.items():
+        if key.split(".", 1)[1] in training:
+            raise ConfigError(f"{source}: {key} is not an ablation setting: {why}; remove it")
     raw["training"] = {**training, "output_dir": "<per arm>"}
     sections, _ = parse_sections({**raw, "adapter": {}}, classes, source)
     if ablation.path == "vim":

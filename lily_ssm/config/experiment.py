@@ -125,9 +125,9 @@ def parse_config(raw: Any, source: str = "<dict>") -> ExperimentConfig:
 def check_experiment_inputs(model: dict[str, Any], data: dict[str, Any], source: str) -> None:
     """Raise :class:`ConfigError` naming the key if an input of a ``model`` / ``data`` section cannot be used: a
     local model, tokenizer or data file that does not exist, an unknown ``builtin:`` name, a bad dtype. Loads
-    and writes nothing, so it runs before anything heavy; Hub ids pass (they are checked when fetched)."""
+    and writes nothing, so it runs before anything heavy; a Hub id must be cached or reachable (in seconds)."""
     checks = [("model.name_or_path", model.get("name_or_path"), check_model_source),
-              ("model.tokenizer", model.get("tokenizer"), check_model_source),
+              ("model.tokenizer", model.get("tokenizer"), lambda name: check_model_source(name, "tokenizer")),
               ("model.dtype", model.get("dtype"), parse_dtype),
               ("data.train_file", data.get("train_file"), check_train_source)]
     for key, value, check in checks:

@@ -170,7 +170,7 @@ def check_vtab_inputs(model: dict[str, Any], root: str, tasks: list[str], source
                           "leave it unset to train from scratch")
     if checkpoint and model.get("kind") == "vit":
         try:
-            check_model_source(checkpoint)
+            check_model_source(checkpoint, "ViT checkpoint")
         except (OSError, ValueError) as exc:
             raise ConfigError(f"{source}: model.checkpoint: {exc}") from exc
     if not Path(root).expanduser().is_dir():

@@ -25,7 +25,7 @@ from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, Train
 
 from ..config.experiment import EXTENDABLE, NOT_FINGERPRINTED, ExperimentConfig
 from ..data.commonsense import DataError, load_train_dataset, tokenize_row
-from ..models.loading import check_model_source, load_model_and_tokenizer
+from ..models.loading import load_model_and_tokenizer
 from ..persistence import load_adapter, save_adapter
 from ..tuners import apply_adapter
 from ..tuners.report import parameter_report
@@ -261,9 +261,7 @@ def run_training(config: ExperimentConfig, log: Any = print) -> dict[str, Any]:
     :meth:`~lily_ssm.train.run_folder.RunFolder.prepare`). The folder is locked for the run's whole life;
     under ``torchrun`` only rank 0 writes."""
     adapter_config = config.adapter_config()
-    for name, what in ((config.model.name_or_path, "model"), (config.model.tokenizer, "tokenizer")):
-        if name:  # a Hub id offline fails now, in seconds, before the run folder is touched
-            check_model_source(name, what)
+    config.check_inputs()  # nothing below may fail on a missing input (or a Hub id offline) once the folder is touched
     data, training = config.data, config.training
     args = _training_arguments(config, data.val_set_size > 0)  # under torchrun: joins the process group
     main = args.process_index == 0
@@ -272,7 +270,6 @@ def run_training(config: ExperimentConfig, log: Any = print) -> dict[str, Any]:
     record = config.record()
     run = RunFolder(out, record.fingerprint(NOT_FINGERPRINTED), source=config.source, extendable=EXTENDABLE,
                     outputs=("adapter_config.json", LOG_NAME), log=log)
-    config.check_inputs()  # nothing below may fail on a missing input after the folder or the model is touched
     finished = _on_rank_zero(args, lambda: run.finished(training.resume, training.overwrite))
     if finished is not None:
         step = finished.get("step")
