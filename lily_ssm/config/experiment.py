@@ -59,7 +59,7 @@ class TrainingSection:
     resume: bool | str = setting(False, help="true: continue this run from its last complete checkpoint; or a "
                                              "checkpoint folder")
     overwrite: bool = setting(False, help="start over, replacing the checkpoints and adapter in output_dir")
-    progress_bar: bool = setting(True, help="show a progress bar")
+    progress_bar: bool = setting(True, help="show a progress line: step/total, loss, learning rate, ETA")
     report_to: str | list[str] = setting("none", help="experiment trackers: none, all, or names such as tensorboard "
                                                       "or wandb")
 
