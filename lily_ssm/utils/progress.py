@@ -88,9 +88,9 @@ class Progress:
         self._first: tuple[float, int] | None = None
 
     def begin(self, total: int, step: int = 0) -> None:
+        """Shows nothing yet: what the first step prints (e.g. which kernels run) starts on a line of its own."""
         self.current = replace(self.current, step=step, total=total, kind="step")
         self._first = None
-        self.show(self.current)
 
     def update(self, step: int, loss: float | None = None, lr: float | None = None, logged: bool = False) -> None:
         """Step ``step`` is done; ``logged`` marks values the run logs (a plain display prints those)."""
