@@ -376,10 +376,10 @@ def _run(command: str, call: Callable[[], int], debug: bool) -> int:
     ``internal error`` line (exit 1); ``--debug`` re-raises instead, to show the traceback."""
     try:
         return call()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         if debug:
             raise
-        print(f"lily-ssm {command}: interrupted", file=sys.stderr)
+        print(f"lily-ssm {command}: interrupted" + (f": {exc}" if str(exc) else ""), file=sys.stderr)
         return 130
     except Exception as exc:
         if debug:

@@ -63,15 +63,17 @@ def test_language_ablation_table_and_resume(assets, tmp_path):
     stamps = {n: (out / n / "result.json").stat().st_mtime_ns for n in names}
     lines.clear()
     run_ablation(config, log=lines.append)
-    assert sum("finished earlier, skipped" in line for line in lines) == 4
-    assert not any(line.startswith("[") for line in lines)
+    assert [line for line in lines if line.startswith("rerun:")] == ["rerun: done, skipped: " + ", ".join(names)]
+    assert not any("[1/" in line for line in lines)
     assert stamps == {n: (out / n / "result.json").stat().st_mtime_ns for n in names}
 
     # an unfinished arm runs again, alone
     (out / "lora-in" / "result.json").unlink()
     lines.clear()
     run_ablation(config, log=lines.append)
-    assert [line.split(":")[0] for line in lines if line.startswith("[")] == ["[1/1] lora-in"]
+    assert [line for line in lines if line.startswith("rerun:")] == \
+        ["rerun: done, skipped: lily-in-causal, lily-in.x-causal, lora-in.x; continuing: lora-in"]
+    assert [line.split("]")[0] for line in lines if "[1/" in line] == ["lora-in  [1/1"]  # the one arm that ran
     assert read_csv(out / "results.csv")[1]["status"] == "finished"
 
     # new evaluation settings: every arm is evaluated again, none is trained again
@@ -80,7 +82,7 @@ def test_language_ablation_table_and_resume(assets, tmp_path):
     raw["evaluation"]["max_new_tokens"] = 3
     lines.clear()
     run_ablation(parse_ablation(raw), log=lines.append)
-    assert sum("evaluating it again" in line for line in lines) == 4
+    assert [line for line in lines if line.startswith("rerun:")] == ["rerun: evaluating again: " + ", ".join(names)]
     for name in names:
         result = json.loads((out / name / "result.json").read_text())
         assert result["spec"]["sections"]["evaluation"]["max_new_tokens"] == 3
@@ -119,7 +121,7 @@ def test_shipped_tiny_config_plans_every_arm_within_five_percent():
     assert len(arms) == 16 and all(abs(a.deviation) <= 0.05 for a in arms)
 
 
-def die_or_finish(payload):
+def die_or_finish(payload, show):
     """Stand-in arm process: the arm named ``lora-in`` dies without a word, the others finish."""
     import os
 
@@ -190,7 +192,7 @@ def test_config_errors_name_the_key(assets, tmp_path):
     raw = language_config(assets, tmp_path)
     with pytest.raises(ConfigError, match="unknown preset.*nope; presets for language: in, dt"):
         parse_ablation({**raw, "ablation": {**raw["ablation"], "target_sets": ["in", "nope"]}}).target_sets()
-    with pytest.raises(ConfigError, match="training.output_dir is not an ablation setting: each arm.s folder is set under ablation.output_dir"):
+    with pytest.raises(ConfigError, match="training.output_dir is not an ablation setting: each arm.s folder is set"):
         parse_ablation({**raw, "training": {**raw["training"], "output_dir": "x"}})
     with pytest.raises(ConfigError, match=r"ablation.lily=.*r are set per arm"):
         parse_ablation({**raw, "ablation": {**raw["ablation"], "lily": {"r": 4}}})

@@ -13,32 +13,41 @@ Layout of ``ablation.output_dir``::
     .lock                    flock-ed by the running ``ablate`` (one per folder at a time)
 
 Each arm runs in a fresh process so its peak memory (peak RSS of that process; peak CUDA memory
-when on a GPU) is its own.
+when on a GPU) is its own. The console shows one progress line per arm (step/total, loss, ETA, then its
+score); everything an arm's process prints goes to its ``log.txt`` (:mod:`.processes`). A Ctrl-C stops
+every arm and says, in one line, how many are unfinished: the same command continues them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
-import multiprocessing
-import multiprocessing.connection
 import os
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from ..utils.atomic import write_atomic
 from ..utils.lock import folder_lock
+from ..utils.progress import ConsoleProgress, ProgressBoard, Snapshot
 from ..utils.sections import ConfigError
 from .arms import Arm, describe_arm, plan_arms
 from .config import AblationConfig
+from .processes import Job, run_jobs
 
 RESULT_NAME = "result.json"
 ARM_NAME = "arm.json"
 FAILURE_NAME = "failure.json"
+LOG_NAME = "log.txt"
+
+
+class AblationInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped the arms; the message says how many are unfinished and how to continue them."""
 
 
 def arm_spec(config: AblationConfig, arm: Arm) -> dict[str, Any]:
@@ -72,36 +81,47 @@ def _run_arms(config: AblationConfig, arms: list[Arm], out: Path, log: Any) -> d
     workers = config.ablation.workers
     results: dict[str, dict[str, Any]] = {}
     payloads: list[dict[str, Any]] = []
+    earlier: dict[str, list[str]] = {"done, skipped": [], "evaluating again": [], "continuing": [], "starting": []}
     for arm in arms:
         spec, folder = arm_spec(config, arm), out / arm.name
         _check_reuse(folder, spec, config.source)
         finished = _read_json(folder / RESULT_NAME) if (folder / RESULT_NAME).is_file() else None
         if finished is not None and finished.get("spec") == spec:
             results[arm.name] = finished
-            log(f"{arm.name}: finished earlier, skipped ({folder / RESULT_NAME})")
+            earlier["done, skipped"].append(arm.name)
             continue
-        if finished is not None:
-            log(f"{arm.name}: the evaluation settings changed; evaluating it again (training is resumed)")
+        if finished is not None:  # new evaluation settings: trained already, evaluated again
             (folder / RESULT_NAME).unlink()
+        earlier["evaluating again" if finished else "continuing" if (folder / LOG_NAME).is_file()
+                else "starting"].append(arm.name)
         write_atomic(folder / ARM_NAME, json.dumps({"spec": spec}, indent=1) + "\n")
         payloads.append({"arm": arm.to_dict(), "spec": spec, "folder": str(folder), "workers": workers})
+    if any(earlier[kind] for kind in ("done, skipped", "evaluating again", "continuing")):
+        log("rerun: " + "; ".join(f"{kind}: {', '.join(names)}" for kind, names in earlier.items() if names))
 
     if payloads:
-        log(f"running {len(payloads)} arm(s), {workers} at a time"
-            + (" (logs in <arm>/log.txt)" if workers > 1 else ""))
+        log(f"running {len(payloads)} arm(s), {workers} at a time (logs in <arm>/{LOG_NAME})")
+    board = ProgressBoard([p["arm"]["name"] for p in payloads], log=log)
     start = time.perf_counter()
-    for done, (name, result) in enumerate(_run_processes(payloads, workers), 1):
-        results[name] = result
-        status = f"{100 * result['accuracy']:.1f}% accuracy, {result['train_seconds']:.0f}s training" \
-            if result["status"] == "finished" else f"FAILED: {result['error']}"
-        log(f"[{done}/{len(payloads)}] {name}: {status} ({time.perf_counter() - start:.0f}s elapsed)")
-        write_tables(config, arms, results)
+    try:
+        with contextlib.closing(_run_processes(payloads, workers, board)) as ended:
+            for done, (name, result) in enumerate(ended, 1):
+                results[name] = result
+                status = f"{100 * result['accuracy']:.1f}% accuracy, {result['train_seconds']:.0f}s training" \
+                    if result["status"] == "finished" else f"FAILED: {result['error']}"
+                board.finish(name, f"[{done}/{len(payloads)}] {status} ({time.perf_counter() - start:.0f}s elapsed)")
+                write_tables(config, arms, results)
+    except KeyboardInterrupt:
+        board.close()
+        unfinished = [p["arm"]["name"] for p in payloads if p["arm"]["name"] not in results]
+        raise AblationInterrupted(f"{len(unfinished)} arm(s) unfinished; rerun the same command to continue "
+                                  f"{'it' if len(unfinished) == 1 else 'them'}") from None
     rows = write_tables(config, arms, results)
     log("\n" + (out / "summary.md").read_text())
     failed = [name for name, r in results.items() if r["status"] != "finished"]
     if failed:
-        log(f"{len(failed)} arm(s) failed: {', '.join(failed)}; see <arm>/log.txt. Fix the cause and rerun: finished "
-            "arms are skipped and unfinished ones resume from their checkpoints")
+        log(f"{len(failed)} arm(s) failed: {', '.join(failed)}; see <arm>/{LOG_NAME}. Fix the cause and rerun: "
+            "finished arms are skipped and unfinished ones resume from their checkpoints")
     return {"arms": [arm.to_dict() for arm in arms], "rows": rows, "failed": failed}
 
 
@@ -134,29 +154,29 @@ def _check_reuse(folder: Path, spec: dict[str, Any], source: str) -> None:
                               f"ablation.output_dir, or delete {folder} to run the arm again")
 
 
-def _run_processes(payloads: list[dict[str, Any]], workers: int) -> Iterator[tuple[str, dict[str, Any]]]:
-    """Run each payload in a fresh process, ``workers`` at a time; yield ``(arm name, result)`` as they end.
-    A process that dies (e.g. killed for memory) fails its own arm only."""
-    context = multiprocessing.get_context("spawn")  # fresh processes: no forked threads, honest peak memory
-    pending, running = list(payloads), {}
-    while pending or running:
-        while pending and len(running) < workers:
-            payload = pending.pop(0)
-            folder = Path(payload["folder"])
-            (folder / FAILURE_NAME).unlink(missing_ok=True)
-            process = context.Process(target=run_arm_process, args=(payload,), name=payload["arm"]["name"])
-            process.start()
-            running[process.sentinel] = (process, payload["arm"]["name"], folder)
-        for sentinel in multiprocessing.connection.wait(list(running)):
-            process, name, folder = running.pop(sentinel)
-            process.join()
-            if (folder / RESULT_NAME).is_file():
-                yield name, _read_json(folder / RESULT_NAME)
-            elif (folder / FAILURE_NAME).is_file():
-                yield name, _read_json(folder / FAILURE_NAME)
-            else:
-                yield name, {"status": "failed", "error": f"the arm's process exited with code {process.exitcode} "
-                                                          "(killed, e.g. out of memory?)"}
+def _run_processes(payloads: list[dict[str, Any]], workers: int,
+                   board: ProgressBoard | None = None) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Run each payload in a fresh process, ``workers`` at a time, its progress on ``board``; yield
+    ``(arm name, result)`` as they end. A process that dies (e.g. killed for memory) fails its own arm only."""
+    jobs = []
+    for payload in payloads:
+        folder = Path(payload["folder"])
+        (folder / FAILURE_NAME).unlink(missing_ok=True)
+        jobs.append(Job(payload["arm"]["name"], payload, folder / LOG_NAME))
+
+    def show(name: str, snapshot: Snapshot) -> None:
+        if board is not None:
+            board.show(replace(snapshot, label=name))  # a vim arm's snapshots are labelled with its task
+
+    for name, exitcode in run_jobs(jobs, workers, run_arm_process, show, board.start if board else lambda _: None):
+        folder = next(Path(job.payload["folder"]) for job in jobs if job.name == name)
+        if (folder / RESULT_NAME).is_file():
+            yield name, _read_json(folder / RESULT_NAME)
+        elif (folder / FAILURE_NAME).is_file():
+            yield name, _read_json(folder / FAILURE_NAME)
+        else:
+            yield name, {"status": "failed", "error": f"the arm's process exited with code {exitcode} "
+                                                      "(killed, e.g. out of memory?)"}
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -170,58 +190,65 @@ def _read_json(path: Path) -> dict[str, Any]:
 # One arm, in its own process
 
 
-def run_arm_process(payload: dict[str, Any]) -> None:
-    """Entry point of an arm's process: run it and write ``result.json``, or ``failure.json`` if it fails."""
+def run_arm_process(payload: dict[str, Any], show: Callable[[Snapshot], None]) -> None:
+    """Entry point of an arm's process (its output is its ``log.txt``): run the arm and write
+    ``result.json``, or ``failure.json`` if it fails; progress goes to ``show`` and to the log."""
     folder = Path(payload["folder"])
     workers = payload["workers"]
     if workers > 1:
         import torch
 
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
-    log_file = (folder / "log.txt").open("a", encoding="utf-8")
-
-    def log(message: Any = "") -> None:
-        log_file.write(f"{message}\n")
-        log_file.flush()
-        if workers == 1:
-            print(message, flush=True)
-
+    progress = _ArmProgress(show, ConsoleProgress(log=print))
     arm = Arm(**{**payload["arm"], "targets": tuple(payload["arm"]["targets"]),
                  "notes": tuple(payload["arm"]["notes"])})
     try:
-        log(f"== {describe_arm(arm)}")
-        result = run_arm(arm, payload["spec"], folder, log, quiet=workers > 1)
+        print(f"== {describe_arm(arm)}")
+        result = run_arm(arm, payload["spec"], folder, print, progress)
         write_atomic(folder / RESULT_NAME, json.dumps(result, indent=1) + "\n")
     except Exception as exc:  # reported in the table; the arm is retried on the next run
-        log(traceback.format_exc())
+        print(traceback.format_exc())
         failure = {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
         write_atomic(folder / FAILURE_NAME, json.dumps(failure, indent=1) + "\n")
-    finally:
-        log_file.close()
 
 
-def run_arm(arm: Arm, spec: dict[str, Any], folder: Path, log: Any = print, quiet: bool = False) -> dict[str, Any]:
+class _ArmProgress:
+    """An arm's progress: to the parent's board and, as plain lines, to the arm's log."""
+
+    def __init__(self, *displays: Callable[[Snapshot], None]) -> None:
+        self.displays, self.last = displays, None
+
+    def __call__(self, snapshot: Snapshot) -> None:
+        self.last = snapshot if snapshot.kind != "eval" else self.last
+        for display in self.displays:
+            display(snapshot)
+
+    def status(self, text: str) -> None:
+        if self.last is not None:
+            self(replace(self.last, kind="status", status=text))
+
+
+def run_arm(arm: Arm, spec: dict[str, Any], folder: Path, log: Any = print,
+            progress: Callable[[Snapshot], None] | None = None) -> dict[str, Any]:
     """Train and test one arm (resuming its own checkpoints); returns its result row data."""
     sections = spec["sections"]
     if spec["path"] == "language":
-        accuracy, per_task, train_seconds = _run_language(arm, sections, folder, log, quiet)
+        accuracy, per_task, train_seconds = _run_language(arm, sections, folder, log, progress)
     else:
-        accuracy, per_task, train_seconds = _run_vim(arm, sections, spec["tasks"], folder, log)
+        accuracy, per_task, train_seconds = _run_vim(arm, sections, spec["tasks"], folder, log, progress)
     return {"status": "finished", "spec": spec, "accuracy": accuracy, "per_task": per_task,
             "train_seconds": round(train_seconds, 3), **_peak_memory_mb()}
 
 
 def _run_language(arm: Arm, sections: dict[str, Any], folder: Path, log: Any,
-                  quiet: bool) -> tuple[float, dict[str, float], float]:
+                  progress: Callable[[Snapshot], None] | None) -> tuple[float, dict[str, float], float]:
     from ..config.experiment import parse_config
     from ..evaluation.commonsense import evaluate_commonsense
     from ..train.trainer import run_training, training_seconds
 
     training = {**sections["training"], "output_dir": str(folder / "adapter"), "resume": "auto"}
-    if quiet:
-        training["progress_bar"] = False
     raw = {"model": sections["model"], "adapter": arm.adapter, "data": sections["data"], "training": training}
-    trained = run_training(parse_config(raw, source=f"arm {arm.name}"), log=log)
+    trained = run_training(parse_config(raw, source=f"arm {arm.name}"), log=log, show_progress=progress)
     if trained["model"] is None:  # trained earlier (its evaluation is what runs again): load what it wrote
         from ..models.loading import load_model_and_tokenizer
         from ..persistence import load_adapter
@@ -230,6 +257,8 @@ def _run_language(arm: Arm, sections: dict[str, Any], folder: Path, log: Any,
         trained["model"], trained["tokenizer"] = load_model_and_tokenizer(
             model["name_or_path"], model["dtype"], model["device_map"], model["tokenizer"], model["trust_remote_code"])
         load_adapter(trained["model"], trained["adapter"])
+    if isinstance(progress, _ArmProgress):
+        progress.status("evaluating")
     ev = sections["evaluation"]
     results = evaluate_commonsense(trained["model"], trained["tokenizer"], ev["data_root"], ev["tasks"],
                                    ev["batch_size"], ev["num_beams"], ev["max_new_tokens"], ev["limit"],
@@ -238,8 +267,8 @@ def _run_language(arm: Arm, sections: dict[str, Any], folder: Path, log: Any,
     return results["average"], per_task, training_seconds(Path(trained["log"]))
 
 
-def _run_vim(arm: Arm, sections: dict[str, Any], tasks: list[str], folder: Path,
-             log: Any) -> tuple[float, dict[str, float], float]:
+def _run_vim(arm: Arm, sections: dict[str, Any], tasks: list[str], folder: Path, log: Any,
+             progress: Callable[[Snapshot], None] | None) -> tuple[float, dict[str, float], float]:
     from ..config.vtab import VtabDataSection, VtabExperiment, VtabModelSection, VtabTrainingSection
     from ..train.vtab import run_vtab_task
 
@@ -248,7 +277,7 @@ def _run_vim(arm: Arm, sections: dict[str, Any], tasks: list[str], folder: Path,
         training=VtabTrainingSection(**{**sections["training"], "output_dir": str(folder)}), source=f"arm {arm.name}")
     per_task, seconds = {}, 0.0
     for task in tasks:
-        result = run_vtab_task(experiment, task, log=log)
+        result = run_vtab_task(experiment, task, log=log, show_progress=progress)
         per_task[task] = result["test_accuracy"]
         seconds += result["train_seconds"]
     return sum(per_task.values()) / len(per_task), per_task, seconds

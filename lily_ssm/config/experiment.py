@@ -63,7 +63,7 @@ class TrainingSection:
                                               "finished run is reported, another run's folder refused); false: "
                                               "start over in an empty folder only; or a checkpoint folder")
     overwrite: bool = setting(False, help="start over, replacing the checkpoints and adapter in output_dir")
-    progress_bar: bool = setting(True, help="show a progress bar")
+    progress_bar: bool = setting(True, help="show a progress line: step/total, loss, learning rate, ETA")
     report_to: str | list[str] = setting("none", help="experiment trackers: none, all, or names such as tensorboard "
                                                       "or wandb")
 

@@ -4,7 +4,8 @@
 What this adds: adapter-only checkpoints in lily-ssm's safetensors format that count only when complete
 (:mod:`.run_folder`), resuming from the newest complete one of the same run, one run per folder (an
 OS lock), a stop with an error at the first non-finite loss, gradient or weight, and a JSON-lines log
-with loss, learning rate and tokens/s.
+with loss, learning rate and tokens/s. Progress is one line (step/total, loss, learning rate, ETA;
+:mod:`lily_ssm.utils.progress`) in place of the Trainer's printed dicts.
 
 ``data.protocol: paper`` trains as the published ``finetune.py`` does: its prompt, left padding, and
 with a validation set the checkpoint with the lowest validation loss as the result
@@ -21,7 +22,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers import (
+    DataCollatorForSeq2Seq,
+    PrinterCallback,
+    ProgressCallback,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+    set_seed,
+)
 
 from ..config.experiment import EXTENDABLE, NOT_FINGERPRINTED, ExperimentConfig
 from ..data.commonsense import DataError, load_train_dataset, tokenize_row
@@ -31,6 +40,7 @@ from ..tuners import apply_adapter
 from ..tuners.report import parameter_report
 from ..utils.atomic import append_line
 from ..utils.compat import checkpointing_arguments
+from ..utils.progress import ConsoleProgress, Progress, Snapshot
 from ..utils.sections import ConfigError
 from .guards import all_finite, diverged
 from .run_folder import RunFolder, mark_checkpoint_complete
@@ -51,6 +61,8 @@ class AdapterTrainer(Trainer):
         self._last_log: tuple[float, int] | None = None
         self._finite_losses: torch.Tensor | None = None
         self.add_callback(_StopOnNonFinite(self))
+        for printer in (PrinterCallback, ProgressCallback):  # they print raw dicts; ShowProgress replaces them
+            self.remove_callback(printer)
 
     def _write_log(self, record: dict[str, Any]) -> None:
         if self.log_path is not None and self.args.should_save:
@@ -119,6 +131,33 @@ class _StopOnNonFinite(TrainerCallback):
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if not all_finite(self._params()):
             raise diverged(state.global_step, "an adapter weight is not finite after the optimizer step")
+
+
+class ShowProgress(TrainerCallback):
+    """Feeds a :class:`~lily_ssm.utils.progress.Progress` from the Trainer's events: every step, each
+    logged loss and learning rate, each evaluation (the trackers of ``report_to`` get the same events)."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.progress.begin(state.max_steps, state.global_step)
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.progress.update(state.global_step)
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        if logs and "loss" in logs:
+            self.progress.update(state.global_step, logs["loss"], logs.get("learning_rate"), logged=True)
+
+    def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict[str, Any] | None = None,
+                    **kwargs: Any) -> None:
+        shown = {k: v for k, v in (metrics or {}).items()
+                 if k.startswith("eval_") and not k.endswith(("_runtime", "_per_second"))}
+        self.progress.evaluated(shown, state.global_step)
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.progress.end()
 
 
 class _AlreadyTrained(Exception):
@@ -197,7 +236,7 @@ def _training_arguments(config: ExperimentConfig, has_eval: bool) -> TrainingArg
         fp16=training.fp16,
         **checkpointing_arguments(training.gradient_checkpointing),
         include_num_input_tokens_seen="non_padding",
-        disable_tqdm=not training.progress_bar,
+        disable_tqdm=True,  # ShowProgress draws the progress (run_training)
         report_to=training.report_to,  # TensorBoard: <output_dir>/runs/ unless TENSORBOARD_LOGGING_DIR is set
         remove_unused_columns=False,
         dataloader_pin_memory=torch.cuda.is_available(),
@@ -251,7 +290,8 @@ def _check_targets(splits: Any, config: ExperimentConfig, log: Any) -> None:
         log(f"warning: {why}; they add nothing to the {'loss' if name == 'train' else 'validation loss'}")
 
 
-def run_training(config: ExperimentConfig, log: Any = print) -> dict[str, Any]:
+def run_training(config: ExperimentConfig, log: Any = print,
+                 show_progress: Callable[[Snapshot], None] | None = None) -> dict[str, Any]:
     """Load the base model, inject the adapter, fine-tune, and save the final adapter to
     ``training.output_dir``. Returns the trainer's metrics and where things were written.
 
@@ -259,7 +299,10 @@ def run_training(config: ExperimentConfig, log: Any = print) -> dict[str, Any]:
     (``training.resume: auto``) a rerun of the same run continues from its newest complete checkpoint, and a
     finished one returns at once (``finished_earlier``: true, ``model`` None) with nothing loaded (see
     :meth:`~lily_ssm.train.run_folder.RunFolder.prepare`). The folder is locked for the run's whole life;
-    under ``torchrun`` only rank 0 writes."""
+    under ``torchrun`` only rank 0 writes.
+
+    Progress goes to ``show_progress`` if given, else (with ``training.progress_bar``) to a
+    :class:`~lily_ssm.utils.progress.ConsoleProgress` whose plain lines go through ``log``."""
     adapter_config = config.adapter_config()
     config.check_inputs()  # nothing below may fail on a missing input (or a Hub id offline) once the folder is touched
     data, training = config.data, config.training
@@ -314,6 +357,10 @@ def run_training(config: ExperimentConfig, log: Any = print) -> dict[str, Any]:
                     "plain data parallelism (DDP): every process holds the whole model")
         trainer._write_log({"run_start": True, "resume_from": checkpoint})  # where this run's records begin
         trainer.add_callback(_ReportResume(checkpoint, log))
+        if show_progress is None and training.progress_bar:
+            show_progress = ConsoleProgress(log=log)
+        if show_progress is not None and main:
+            trainer.add_callback(ShowProgress(Progress("train", show_progress)))
         try:
             metrics = trainer.train(resume_from_checkpoint=checkpoint).metrics
         except _AlreadyTrained:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ from ..models.backbones import logits_of
 from ..persistence import load_adapter, save_adapter
 from ..tuners.report import parameter_report
 from ..utils.atomic import write_atomic
+from ..utils.progress import ConsoleProgress, Progress, Snapshot
 from ..utils.safe_load import load_tensors_file
 from .guards import all_finite, diverged
 from .run_folder import RunFolder
@@ -50,10 +52,12 @@ def _lr_lambda(warmup: int, total: int):
     return factor
 
 
-def run_vtab_task(experiment: VtabExperiment, task: str, log: Any = print) -> dict[str, Any]:
+def run_vtab_task(experiment: VtabExperiment, task: str, log: Any = print,
+                  show_progress: Callable[[Snapshot], None] | None = None) -> dict[str, Any]:
     """Train and test one task in ``<output_dir>/<task>/``: by default (``training.resume: auto``) a checkpoint of
     this run there is resumed and a finished run's result is returned as it is (see
-    :meth:`~lily_ssm.train.run_folder.RunFolder.prepare`)."""
+    :meth:`~lily_ssm.train.run_folder.RunFolder.prepare`). Progress (a line per task) goes to ``show_progress``,
+    by default a console line whose plain form goes through ``log``."""
     if task not in NUM_CLASSES:
         raise ValueError(f"unknown VTAB task {task!r}; tasks: {', '.join(TASKS)}")
     data, training = experiment.data, experiment.training
@@ -83,13 +87,14 @@ def run_vtab_task(experiment: VtabExperiment, task: str, log: Any = print) -> di
         steps_per_epoch = len(train_loader)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, _lr_lambda(training.warmup_epochs * steps_per_epoch, training.epochs * steps_per_epoch))
+        progress = Progress(task, show_progress or ConsoleProgress(log=log))
         return _train_task(experiment, task, run, checkpoint, model, optimizer, scheduler, train_loader, test_loader,
-                           generator, log)
+                           generator, log, progress)
 
 
 def _train_task(experiment: VtabExperiment, task: str, run: RunFolder, checkpoint: Path | None, model: nn.Module,
                 optimizer: Any, scheduler: Any, train_loader: DataLoader, test_loader: DataLoader,
-                generator: torch.Generator, log: Any) -> dict[str, Any]:
+                generator: torch.Generator, log: Any, progress: Progress) -> dict[str, Any]:
     training = experiment.training
     steps_per_epoch = len(train_loader)
     state: dict[str, Any] = {"epoch": 0, "history": [], "best_test_accuracy": None}
@@ -104,6 +109,7 @@ def _train_task(experiment: VtabExperiment, task: str, run: RunFolder, checkpoin
         f"images, {report.adapter_total:,} adapter + {report.other_trainable:,} head parameters")
 
     params = [p for p in model.parameters() if p.requires_grad]
+    progress.begin(training.epochs * steps_per_epoch, state["epoch"] * steps_per_epoch)
     for epoch in range(state["epoch"] + 1, training.epochs + 1):
         model.train()
         start, losses = time.perf_counter(), []
@@ -120,6 +126,7 @@ def _train_task(experiment: VtabExperiment, task: str, run: RunFolder, checkpoin
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(loss.item())
+            progress.update(step, sum(losses) / len(losses), scheduler.get_last_lr()[0])
         record: dict[str, Any] = {"epoch": epoch, "loss": sum(losses) / len(losses),
                                   "seconds": round(time.perf_counter() - start, 2)}
         if epoch % training.eval_every == 0 or epoch == training.epochs:
@@ -129,13 +136,15 @@ def _train_task(experiment: VtabExperiment, task: str, run: RunFolder, checkpoin
                 record["test_accuracy"]
         state["history"].append(record)
         state["epoch"] = epoch
-        log(f"{task} epoch {epoch}/{training.epochs}: " + ", ".join(f"{k} {v:.4g}" for k, v in record.items()
-                                                                  if k != "epoch"))
+        progress.update(epoch * steps_per_epoch, record["loss"], logged=True)  # the epoch's mean loss
+        if "test_accuracy" in record:
+            progress.evaluated({"test_accuracy": record["test_accuracy"]})
         with run.new_checkpoint(epoch, keep=1) as folder:  # adapter + head, optimizer state, progress: one unit
             save_adapter(model, folder)
             torch.save(optimizer.state_dict(), folder / OPTIMIZER_NAME)
             (folder / STATE_NAME).write_text(json.dumps(state, indent=1) + "\n")
 
+    progress.end()
     save_adapter(model, run.path)  # the task's adapter, beside its result
     result = {"task": task, "group": next(g for g, ts in GROUPS.items() if task in ts),
               "test_accuracy": state["history"][-1].get("test_accuracy"),
