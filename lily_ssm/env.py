@@ -51,11 +51,18 @@ def declared_requirements() -> list[Requirement]:
 
 
 def _pyproject_requirements() -> list[str]:
+    """The dependencies and every extra's from ``pyproject.toml`` (a source checkout without package metadata)."""
     path = Path(__file__).resolve().parents[1] / "pyproject.toml"
     if not path.is_file():
         return []
     text = path.read_text(encoding="utf-8")
-    return re.findall(r'^\s*"([A-Za-z0-9_.\-\[\]]+\s*[<>=!~][^"]*)"', text, flags=re.M)
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10: every quoted requirement of the [project] table and below
+        return re.findall(r'"([A-Za-z0-9_.\-\[\]]+\s*[<>=!~][^"]*)"', text[text.find("[project]"):])
+    project = tomllib.loads(text)["project"]
+    return [*project.get("dependencies", []), *(r for extra in project.get("optional-dependencies", {}).values()
+                                                for r in extra)]
 
 
 def installed_version(name: str) -> str | None:
