@@ -16,6 +16,7 @@ import lily_ssm
 from lily_ssm.models.loading import load_model_and_tokenizer
 from lily_ssm.models.mamba_ssm_checkpoint import MambaSsmCheckpointError, mamba_ssm_folder, transformers_config
 from lily_ssm.models.tiny import build_word_tokenizer
+from lily_ssm.utils import hub_access
 
 WORDS = "the cat sat on a mat and dog ran far away from home today".split()
 
@@ -204,6 +205,8 @@ def test_a_hub_repository_in_mamba_ssm_layout_loads_through_its_snapshot(tmp_pat
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.setattr(hub_access, "hub_offline", lambda: False)  # the up-front check sees a reachable Hub
+    monkeypatch.setattr(hub_access, "hub_unreachable", lambda: None)
     assert mamba_ssm_folder("state-spaces/mamba-tiny", weights=False) == snapshot and fetched == ["config.json"]
     model, _ = load_model_and_tokenizer("state-spaces/mamba-tiny", dtype="float32")
     assert "pytorch_model.bin" in fetched and model.config._name_or_path == "state-spaces/mamba-tiny"
