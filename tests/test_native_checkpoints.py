@@ -414,6 +414,6 @@ def test_lm_eval_finds_lily_through_installed_entry_points(tmp_path):
     reads_entry_points = any("entry_points(" in path.read_text() for folder in (".", "api", "models")
                              for path in (package / folder).glob("*.py"))
     if found == "not found" and not reads_entry_points:
-        pytest.skip(f"lm-eval {lm_eval.__version__} does not read the lm_eval.models entry points (newer versions "
-                    "do); `lily-ssm lm-eval` registers the backend there")
+        pytest.skip(f"lm-eval {lm_eval.__version__} does not read the lm_eval.models entry points (its main "
+                    "branch adds that, lm-eval PR #4013); `lily-ssm lm-eval` registers the backend there")
     assert found == lm_eval_entry_point()
