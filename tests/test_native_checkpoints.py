@@ -1,16 +1,22 @@
 """mamba-ssm's own checkpoints (MambaLMHeadModel folders: config.json + pytorch_model.bin) load as the equivalent
-transformers model, logit for logit against mamba-ssm's reference math written out below; adapters trained on them
-save and load against the folder; the lily lm-eval backend takes them as pretrained=."""
+transformers model, logit for logit against mamba-ssm itself (its published sources run on CPU, with its kernels
+swapped for its own PyTorch references: tests/mamba_ssm_oracle.py) and against its module math written out below;
+adapters trained on them save and load against the folder; the lily lm-eval backend takes them as pretrained=."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
+from upstream_sources import MAMBA_SSM, fetch_or_skip
 
 import lily_ssm
 from lily_ssm.models.loading import load_model_and_tokenizer
@@ -169,6 +175,46 @@ def test_native_checkpoint_equals_mamba_ssm_math(tmp_path, layout):
     assert logits.shape == expected.shape == (2, IDS.shape[1], 64)
     torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
     assert (model.lm_head.weight.data_ptr() == model.backbone.embeddings.weight.data_ptr()) == cfg["tie_embeddings"]
+
+
+@pytest.fixture(scope="module")
+def mamba_ssm_sdist() -> Path:
+    missing = [name for name in ("einops", "triton") if importlib.util.find_spec(name) is None]
+    if missing:
+        pytest.skip(f"running mamba-ssm's sources needs {' and '.join(missing)} (the dev extra installs them on Linux)")
+    return fetch_or_skip(MAMBA_SSM)
+
+
+# MambaConfig as mamba-ssm's save_pretrained writes it, with its defaults (rms_norm, residual_in_fp32, fused_add_norm,
+# tie_embeddings true) unless set; 61 words padded to 64 rows; Mamba-2 with 2 groups, and with 1 group and dt_limit.
+ORACLE_LAYOUTS = {
+    "mamba1": {"d_model": 32, "n_layer": 2, "vocab_size": 61, "pad_vocab_size_multiple": 16, "tie_embeddings": False,
+               "ssm_cfg": {"d_state": 8, "dt_rank": 3}},
+    "mamba2": {"d_model": 32, "n_layer": 2, "vocab_size": 64,
+               "ssm_cfg": {"layer": "Mamba2", "d_state": 8, "headdim": 8, "ngroups": 2, "chunk_size": 4}},
+    "mamba2-dt-limit": {"d_model": 32, "n_layer": 2, "vocab_size": 64,
+                        "ssm_cfg": {"layer": "Mamba2", "d_state": 8, "headdim": 8, "ngroups": 1, "chunk_size": 4,
+                                    "dt_limit": [0.005, 0.03]}},
+}
+
+
+@pytest.mark.parametrize("layout", list(ORACLE_LAYOUTS))
+def test_a_folder_mamba_ssm_saved_gives_mamba_ssms_own_logits(tmp_path, mamba_ssm_sdist, layout):
+    folder, logits_file = tmp_path / "native", tmp_path / "oracle.safetensors"
+    ids = IDS[:, :8].tolist()  # a whole number of mamba-ssm chunks, as ssd_minimal_discrete needs
+    oracle = Path(__file__).with_name("mamba_ssm_oracle.py")
+    done = subprocess.run([sys.executable, str(oracle), str(mamba_ssm_sdist), json.dumps(ORACLE_LAYOUTS[layout]),
+                           str(folder), json.dumps(ids), str(logits_file)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "pytorch_model.bin"]
+    build_word_tokenizer([" ".join(WORDS)]).save_pretrained(folder)
+    model, _ = load_model_and_tokenizer(str(folder), dtype="float32")
+    with torch.no_grad():
+        logits = model(torch.tensor(ids)).logits
+    expected = load_file(logits_file)["logits"]
+    assert logits.shape == expected.shape == (2, 8, 64)
+    assert expected.abs().max() > 0.1  # a real signal, not near-zero logits that any model would match
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-5)
 
 
 def test_folder_detection_and_the_tokenizer_it_falls_back_to(tmp_path):
