@@ -1,11 +1,20 @@
-"""The chunked PyTorch selective scan against the sequential oracle; decoding ops against full passes."""
+"""The chunked PyTorch selective scan against the sequential oracle and against the references mamba-ssm 2.3.2
+publishes (selective_scan_ref, selective_state_update_ref: its kernels' own test oracles); decoding ops against full
+passes."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from upstream_sources import MAMBA_SSM, published_or_skip
 
-from lily_ssm.ops import causal_conv1d, causal_conv1d_update, selective_scan, selective_scan_chunked
+from lily_ssm.ops import (
+    causal_conv1d,
+    causal_conv1d_update,
+    selective_scan,
+    selective_scan_chunked,
+    selective_state_update,
+)
 from lily_ssm.ops.scan import selective_scan_ref, selective_state_update_ref
 
 
@@ -47,6 +56,57 @@ def test_chunked_matches_oracle_values_and_gradients(length, softplus):
     grads = torch.autograd.grad((out * g_out).sum() + (last * g_last).sum(), list(x.values()))
     for name, got, want in zip(x, grads, grads_ref):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4, msg=f"gradient of {name}")
+
+
+@pytest.fixture(scope="module")
+def published():
+    return {**published_or_skip(MAMBA_SSM, "mamba_ssm/ops/selective_scan_interface.py", ("selective_scan_ref",)),
+            **published_or_skip(MAMBA_SSM, "mamba_ssm/ops/triton/selective_state_update.py",
+                                ("selective_state_update_ref",))}
+
+
+@pytest.mark.parametrize("length", [1, 17, 64])
+@pytest.mark.parametrize("options", ["all", "none"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_scan_matches_mamba_ssms_published_reference(published, length, options, dtype):
+    x = scan_inputs(length, dtype=dtype)
+    if options == "none":
+        x.update(D=None, z=None, delta_bias=None)
+        x["delta"] = x["delta"].detach().abs().requires_grad_()  # without softplus Δ must already be positive
+    softplus = options == "all"
+    want, want_last = run(published["selective_scan_ref"], x, delta_softplus=softplus, return_last_state=True)
+    for ours in (selective_scan, selective_scan_ref):  # the dispatch (chunked on CPU) and our sequential oracle
+        got, last = run(ours, x, delta_softplus=softplus, return_last_state=True)
+        assert got.dtype == want.dtype == dtype
+        tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 1e-2, "rtol": 1e-2}
+        torch.testing.assert_close(got, want, **tol)
+        torch.testing.assert_close(last, want_last, atol=1e-5, rtol=1e-5)
+        leaves = [v for v in x.values() if v is not None]
+        g = torch.Generator().manual_seed(3)
+        weights = torch.randn(want.shape, generator=g).to(dtype)
+        grads = torch.autograd.grad((got * weights).float().sum(), leaves)
+        grads_want = torch.autograd.grad((want * weights).float().sum(), leaves, retain_graph=True)
+        for name, got_g, want_g in zip([k for k, v in x.items() if v is not None], grads, grads_want):
+            torch.testing.assert_close(got_g.float(), want_g.float(), msg=f"gradient of {name}",
+                                       **({"atol": 1e-4, "rtol": 1e-4} if dtype == torch.float32 else tol))
+
+
+@pytest.mark.parametrize("options", ["all", "none"])
+def test_a_decoding_step_matches_mamba_ssms_published_reference(published, options):
+    g = torch.Generator().manual_seed(4)
+    b, d, n = 3, 6, 4
+    state = torch.randn(b, d, n, generator=g)
+    x, dt, z = (torch.randn(b, d, generator=g) for _ in range(3))
+    A, B, C = -torch.rand(d, n, generator=g) - 0.1, torch.randn(b, n, generator=g), torch.randn(b, n, generator=g)
+    D, dt_bias = torch.randn(d, generator=g), torch.randn(d, generator=g)
+    extra = {"D": D, "z": z, "dt_bias": dt_bias, "dt_softplus": True} if options == "all" else {}
+    if options == "none":
+        dt = dt.abs()
+    theirs_state = state.clone()
+    want = published["selective_state_update_ref"](theirs_state, x, dt, A, B, C, **extra)
+    got = selective_state_update(state, x, dt, A, B, C, **extra)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(state, theirs_state, atol=1e-6, rtol=1e-6)
 
 
 def test_optional_inputs_can_be_absent():
