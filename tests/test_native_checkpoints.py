@@ -5,7 +5,6 @@ adapters trained on them save and load against the folder; the lily lm-eval back
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import subprocess
@@ -179,10 +178,7 @@ def test_native_checkpoint_equals_mamba_ssm_math(tmp_path, layout):
 
 @pytest.fixture(scope="module")
 def mamba_ssm_sdist() -> Path:
-    missing = [name for name in ("einops", "triton") if importlib.util.find_spec(name) is None]
-    if missing:
-        pytest.skip(f"running mamba-ssm's sources needs {' and '.join(missing)} (the dev extra installs them on Linux)")
-    return fetch_or_skip(MAMBA_SSM)
+    return fetch_or_skip(MAMBA_SSM, needs=("einops", "triton"))
 
 
 # MambaConfig as mamba-ssm's save_pretrained writes it, with its defaults (rms_norm, residual_in_fp32, fused_add_norm,

@@ -1,8 +1,8 @@
 """Published upstream sources that tests run as numeric oracles, fetched from PyPI once, checked by hash and cached.
 
 Not a test module. ``python tests/upstream_sources.py`` fetches them all (CI does this first, so a failed download
-fails CI instead of skipping a test); a test calls :func:`fetch` or :func:`published_functions` and skips, with the
-reason, when it cannot.
+fails CI instead of skipping a test); a test calls :func:`fetch_or_skip` or :func:`published_or_skip`, which skip
+with the reason when it cannot.
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ def fetch(source: Source, timeout: float = 60.0) -> Path:
     return target
 
 
-def published_functions(source: Source, path: str, names: tuple[str, ...]) -> dict[str, Callable]:
+def published_functions(sdist: Path, path: str, names: tuple[str, ...]) -> dict[str, Callable]:
     """The functions ``names`` exactly as ``path`` (inside the sdist's top folder) defines them, compiled on their own,
     so the module's other imports (CUDA extensions, Triton) never run. They see ``torch``, ``F``, ``rearrange`` and
     ``repeat``, the globals the published references use."""
@@ -86,24 +86,28 @@ def published_functions(source: Source, path: str, names: tuple[str, ...]) -> di
     import torch.nn.functional as F
     from einops import rearrange, repeat
 
-    archive_path = fetch(source)
-    with tarfile.open(archive_path) as archive:
-        top = source.filename.removesuffix(".tar.gz")
+    with tarfile.open(sdist) as archive:
+        top = sdist.name.removesuffix(".tar.gz")
         text = archive.extractfile(f"{top}/{path}").read().decode()
-    tree = ast.parse(text)
-    found = [node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name in names]
+    found = [node for node in ast.parse(text).body if isinstance(node, ast.FunctionDef) and node.name in names]
     missing = set(names) - {node.name for node in found}
     if missing:
-        raise FetchError(f"{source.filename}:{path} defines no {', '.join(sorted(missing))}")
+        raise LookupError(f"{sdist.name}:{path} defines no {', '.join(sorted(missing))}")
     namespace = {"torch": torch, "F": F, "rearrange": rearrange, "repeat": repeat}
-    exec(compile(ast.Module(body=found, type_ignores=[]), f"{source.filename}/{path}", "exec"), namespace)
+    exec(compile(ast.Module(body=found, type_ignores=[]), f"{sdist.name}/{path}", "exec"), namespace)
     return {name: namespace[name] for name in names}
 
 
-def fetch_or_skip(source: Source) -> Path:
-    """:func:`fetch` inside a test: skip, saying why and how to fetch, when the file is neither cached nor reachable."""
+def fetch_or_skip(source: Source, needs: tuple[str, ...] = ()) -> Path:
+    """:func:`fetch` inside a test: skip, saying why, when a module in ``needs`` is not installed or the file is
+    neither cached nor reachable."""
+    import importlib.util
+
     import pytest
 
+    missing = [name for name in needs if importlib.util.find_spec(name) is None]
+    if missing:
+        pytest.skip(f"running {source.filename}'s code needs {' and '.join(missing)} (the dev extra installs it)")
     try:
         return fetch(source)
     except FetchError as error:
@@ -112,14 +116,7 @@ def fetch_or_skip(source: Source) -> Path:
 
 def published_or_skip(source: Source, path: str, names: tuple[str, ...]) -> dict[str, Callable]:
     """:func:`published_functions` inside a test, skipping with the reason when einops or the source is missing."""
-    import importlib.util
-
-    import pytest
-
-    if importlib.util.find_spec("einops") is None:
-        pytest.skip("the published references need einops (the dev extra installs it)")
-    fetch_or_skip(source)
-    return published_functions(source, path, names)
+    return published_functions(fetch_or_skip(source, needs=("einops",)), path, names)
 
 
 if __name__ == "__main__":
